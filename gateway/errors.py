@@ -1,0 +1,120 @@
+"""Registry errors: the one exception type the gateway raises, and its JSON body.
+
+Every error a client sees is an OCI distribution error body
+(distribution-spec, "Error Codes")::
+
+    {"errors": [{"code": "NAME_UNKNOWN", "message": "...", "detail": ...}]}
+
+The tree is flat on purpose::
+
+    RegistryError                one error, one HTTP status, one spec code
+      .status                    HTTP status sent to the client
+      .code                      NAME_INVALID, NAME_UNKNOWN, MANIFEST_UNKNOWN, ...
+      .headers                   extra response headers (Allow, Retry-After, ...)
+
+Lower-level failures (httpx exceptions, bad upstream answers) are turned into a
+RegistryError at exactly one boundary each: ``upstream.py`` for the network,
+``auth.py`` for token endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# Spec codes (distribution-spec "Error Codes") plus distribution's UNKNOWN and
+# UNAVAILABLE, which clients also understand.
+NAME_INVALID = "NAME_INVALID"
+NAME_UNKNOWN = "NAME_UNKNOWN"
+MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+MANIFEST_INVALID = "MANIFEST_INVALID"
+BLOB_UNKNOWN = "BLOB_UNKNOWN"
+DIGEST_INVALID = "DIGEST_INVALID"
+TAG_INVALID = "TAG_INVALID"
+UNAUTHORIZED = "UNAUTHORIZED"
+DENIED = "DENIED"
+UNSUPPORTED = "UNSUPPORTED"
+TOOMANYREQUESTS = "TOOMANYREQUESTS"
+UNAVAILABLE = "UNAVAILABLE"
+UNKNOWN = "UNKNOWN"
+RANGE_INVALID = "RANGE_INVALID"  # distribution errcode: 416 for an unsatisfiable Range
+
+
+class RegistryError(Exception):
+    """An error to be answered to the client as registry JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers or {}
+
+    def __repr__(self) -> str:
+        return f"RegistryError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message, self.detail)
+
+
+def error_body(code: str, message: str, detail: Any = None) -> bytes:
+    return json.dumps(
+        {"errors": [{"code": code, "message": message, "detail": detail}]},
+        separators=(",", ":"),
+    ).encode()
+
+
+def code_for_status(status: int, kind: str = "") -> str:
+    """The spec code that best describes an upstream status without a registry body.
+
+    ``kind`` is the endpoint kind ("manifest", "blob", ...) so that a bare 404 from
+    a CDN becomes BLOB_UNKNOWN rather than a generic code.
+    """
+    if status == 401:
+        return UNAUTHORIZED
+    if status == 403:
+        return DENIED
+    if status == 404:
+        return {"manifest": MANIFEST_UNKNOWN, "blob": BLOB_UNKNOWN}.get(kind, NAME_UNKNOWN)
+    if status == 405:
+        return UNSUPPORTED
+    if status == 416:
+        return RANGE_INVALID
+    if status == 429:
+        return TOOMANYREQUESTS
+    if status in (502, 503, 504):
+        return UNAVAILABLE
+    return UNKNOWN
+
+
+def is_registry_error_body(body: bytes) -> bool:
+    """True when ``body`` already is a registry error document worth passing through as is."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(doc, dict):
+        return False
+    errors = doc.get("errors")
+    return (
+        isinstance(errors, list)
+        and len(errors) > 0
+        and all(isinstance(e, dict) and isinstance(e.get("code"), str) for e in errors)
+    )
+
+
+def unsupported_method(method: str) -> RegistryError:
+    return RegistryError(
+        405,
+        UNSUPPORTED,
+        f"{method} is not supported: this gateway is a read-only pull mirror",
+        headers={"Allow": "GET, HEAD"},
+    )

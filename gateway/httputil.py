@@ -1,0 +1,149 @@
+"""HTTP helpers shared by the relay and the token client: header policy, links, capped reads.
+
+Header policy is an allow-list in both directions. Towards the upstream only what
+a registry uses is sent (never the client's ``Authorization``, cookies or forwarding
+headers); towards the client only registry and content headers are returned, so an
+upstream or CDN header (``Set-Cookie``, ``x-amz-*``, ``WWW-Authenticate`` naming
+the upstream's realm) never reaches a client by accident.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httpx
+
+# Client -> upstream. Range/If-Range for resumable blob pulls (distribution-spec
+# "Pulling Blobs"); Accept decides which manifest format comes back.
+FORWARD_REQUEST_HEADERS = frozenset(
+    {b"accept", b"accept-encoding", b"range", b"if-range", b"if-none-match", b"if-modified-since", b"user-agent"}
+)
+
+# Upstream -> client.
+FORWARD_RESPONSE_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-range",
+        "content-encoding",
+        "accept-ranges",
+        "docker-content-digest",
+        "etag",
+        "last-modified",
+        "cache-control",
+        "expires",
+        "vary",
+        "retry-after",
+        # Docker Hub's pull-limit headers: clients and operators read them.
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "docker-ratelimit-source",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        # Referrers API (distribution-spec "Listing Referrers").
+        "oci-filters-applied",
+        "oci-subject",
+    }
+)
+
+# Headers kept on error answers that are re-encoded as registry JSON.
+ERROR_RESPONSE_HEADERS = frozenset(
+    {
+        "retry-after",
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "docker-ratelimit-source",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    }
+)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an absolute URL: what "same origin" compares."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return (scheme, (parts.hostname or "").lower(), port)
+
+
+def response_headers(
+    headers: httpx.Headers, allowed: frozenset[str] = FORWARD_RESPONSE_HEADERS
+) -> list[tuple[bytes, bytes]]:
+    """The upstream headers a client may see, as raw ASGI header pairs (repeats kept)."""
+    return [(k, v) for k, v in headers.raw if k.lower().decode("latin-1") in allowed]
+
+
+_LINK_RE = re.compile(r"<([^>]*)>\s*(.*)")
+
+
+def rewrite_next_link(value: str, client_path_name: str) -> str | None:
+    """Rewrite a tags/list ``Link`` into the client's namespace.
+
+    Registries send ``</v2/library/alpine/tags/list?n=100&last=x>; rel="next"``
+    (relative; some send an absolute URL). The client must follow it back through
+    the gateway, under the name it used (``docker.io/alpine``), so the path is
+    replaced and only the query (``n``, ``last``) is kept. containers/image takes
+    only the path and query of a next link (docker/docker_image.go), Docker and
+    containerd resolve it against the request URL; a relative link suits all.
+    """
+    match = _LINK_RE.match(value.strip())
+    if match is None:
+        return None
+    target, params = match.groups()
+    query = urlsplit(target).query
+    path = f"/v2/{client_path_name}/tags/list"
+    return f"<{path}{'?' + query if query else ''}>" + (f"; {params.lstrip('; ')}" if params else "")
+
+
+def split_links(values: Iterable[str]) -> list[str]:
+    """Split ``Link`` header values into single links (a value may join several with commas)."""
+    out: list[str] = []
+    for value in values:
+        depth = 0
+        start = 0
+        for i, ch in enumerate(value):
+            if ch == "<":
+                depth += 1
+            elif ch == ">":
+                depth = max(0, depth - 1)
+            elif ch == "," and depth == 0:
+                out.append(value[start:i].strip())
+                start = i + 1
+        tail = value[start:].strip()
+        if tail:
+            out.append(tail)
+    return out
+
+
+async def read_capped(resp: httpx.Response, limit: int, *, raw: bool = False) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (checked as it arrives).
+
+    ``raw`` keeps any Content-Encoding; otherwise the body is decoded, and the limit
+    applies to the decoded size, so a small compressed bomb is cut off too.
+    """
+    declared = resp.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    stream = resp.aiter_raw() if raw else resp.aiter_bytes()
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,156 @@
+"""Structured logging: one JSON object per line, and one access line per request.
+
+Nothing secret is ever put into a record: the relay stores names, statuses and
+counts, never header values. As a second line of defence the formatter masks
+anything that looks like a credential (``Bearer ...``, ``Basic ...``, a JWT, a
+``token=`` or ``password=`` pair) in every message it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
+
+access_logger = logging.getLogger("gateway.access")
+logger = logging.getLogger("gateway")
+
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*"),  # JWTs
+    re.compile(r"(?i)\b(token|access_token|password|passwd|secret)=([^&\s\"']+)"),
+]
+
+
+def redact(text: str) -> str:
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) + " " if m.lastindex else "") + "[REDACTED]", text)
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            doc.update(fields)
+        else:
+            doc["message"] = record.getMessage()
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return redact(json.dumps(doc, separators=(",", ":"), default=str))
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own loggers go through the same JSON handler; its access log is
+    # replaced by ours, which knows the route and the upstream.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request URL at INFO; the access line already says what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What one request did; filled in by the relay, written by AccessLogMiddleware."""
+
+    request_id: str
+    client: str | None
+    method: str
+    path: str
+    route: str | None = None
+    upstream: str | None = None
+    repository: str | None = None
+    kind: str | None = None
+    status: int = 0
+    bytes: int = 0
+    redirect: str | None = None  # "followed" / "passed"
+    error: str | None = None  # registry error code, or how a stream ended badly
+    upstream_seconds: float | None = None
+
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+
+
+def request_id_from(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            # Echoed back and logged: only accept a harmless, short token.
+            if _REQUEST_ID_RE.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+class AccessLogMiddleware:
+    """Times each HTTP request, echoes its request id, and writes one JSON access line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        client = scope.get("client")
+        record = RequestRecord(
+            request_id=request_id_from(scope),
+            client=client[0] if client else None,
+            method=scope["method"],
+            path=scope["path"][:512],
+        )
+        scope["gateway.record"] = record
+        request_id_header = (b"x-request-id", record.request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", []), request_id_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            fields: dict[str, Any] = {"event": "access", "duration_ms": round((time.perf_counter() - start) * 1000, 3)}
+            for name in RequestRecord.__slots__:
+                value = getattr(record, name)
+                if value is not None:
+                    fields[name] = value
+            access_logger.info("access", extra={"fields": fields})
+
+
+def record_of(scope: Scope) -> RequestRecord:
+    """The request's record; a throwaway one when the app runs without the middleware (unit tests)."""
+    record = scope.get("gateway.record")
+    if record is None:
+        client = scope.get("client")
+        record = RequestRecord(
+            request_id=uuid.uuid4().hex,
+            client=client[0] if client else None,
+            method=scope["method"],
+            path=scope["path"],
+        )
+        scope["gateway.record"] = record
+    assert isinstance(record, RequestRecord)
+    return record

@@ -1,0 +1,294 @@
+"""The relay: one client request under ``/v2/`` in, one upstream exchange, one answer out.
+
+Order of work for a request (each step can end it with a registry error):
+
+1. the raw path is checked (no percent-encoding, no dot segments), then parsed
+   into endpoint + name + reference (``reference.py``);
+2. only GET and HEAD are served; writes get 405 UNSUPPORTED;
+3. the route and the upstream repository are resolved (``routes.py``);
+4. the request goes upstream with an allow-list of headers (``upstream.py`` does
+   auth and redirects);
+5. the answer comes back: errors re-encoded as registry JSON unless they already
+   are, manifests read whole (they are small, capped, and their digest is
+   checked), everything else streamed as it arrives.
+
+HEAD stays HEAD upstream: Docker Hub counts a manifest GET against the pull limit
+and a HEAD not (docker docs, "Docker Hub pull usage"), and clients HEAD first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, urlencode, urljoin
+
+import httpx
+
+from gateway.asgi import (
+    API_VERSION_HEADER,
+    JSON_CONTENT_TYPE,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    StreamEnd,
+    header_value,
+    send_body,
+    send_json,
+    stream_body,
+)
+from gateway.errors import (
+    UNAVAILABLE,
+    RegistryError,
+    code_for_status,
+    error_body,
+    is_registry_error_body,
+    unsupported_method,
+)
+from gateway.httputil import (
+    ERROR_RESPONSE_HEADERS,
+    FORWARD_REQUEST_HEADERS,
+    REDIRECT_STATUSES,
+    read_capped,
+    response_headers,
+    rewrite_next_link,
+    split_links,
+)
+from gateway.log import RequestRecord, record_of
+from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
+from gateway.routes import RouteTable, Target
+from gateway.upstream import Opened, UpstreamClient
+
+logger = logging.getLogger("gateway.proxy")
+
+# distribution refuses to store manifests over 4 MiB (registry/handlers/manifests.go,
+# maxManifestBodySize); a bigger one from an upstream is broken or hostile.
+MAX_MANIFEST_BYTES = 4 << 20
+# Error bodies are a few hundred bytes; anything past this is replaced by our own message.
+MAX_ERROR_BODY = 64 << 10
+# Tag list pages: distribution-spec allows any n; the cap only stops absurd values.
+MAX_PAGE_SIZE = 100_000
+
+_STREAM_ERRORS = (httpx.HTTPError,)
+
+
+def _bad_request(code: str, message: str) -> RegistryError:
+    return RegistryError(400, code, message)
+
+
+def upstream_query(kind: Kind, query_string: bytes) -> tuple[str, str | None]:
+    """(query to send upstream, ns) from the client's query string.
+
+    Only parameters the endpoint defines go upstream (``n``/``last`` for tags,
+    ``artifactType`` for referrers); ``ns`` selects a route and everything else is
+    ignored, never an error (containerd adds ``ns``; other clients add their own).
+    """
+    ns: str | None = None
+    forward: list[tuple[str, str]] = []
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "ns":
+            ns = ns or value
+        elif kind is Kind.TAGS and key == "n":
+            if not value.isdigit() or len(value) > 6 or int(value) > MAX_PAGE_SIZE:
+                raise _bad_request("PAGINATION_NUMBER_INVALID", f"n must be an integer from 0 to {MAX_PAGE_SIZE}")
+            forward.append((key, value))
+        elif kind is Kind.TAGS and key == "last":
+            if len(value) > 128:
+                raise _bad_request("TAG_INVALID", "last must be a tag (at most 128 characters)")
+            forward.append((key, value))
+        elif kind is Kind.REFERRERS and key == "artifactType":
+            if len(value) > 255:
+                raise _bad_request("UNSUPPORTED", "artifactType is too long")
+            forward.append((key, value))
+    return urlencode(forward), ns
+
+
+def upstream_headers(scope: Scope) -> dict[str, str]:
+    """The client headers that go upstream; repeated ones (Docker sends one Accept per type) joined."""
+    out: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key in FORWARD_REQUEST_HEADERS:
+            name = key.decode("latin-1")
+            text = value.decode("latin-1")
+            out[name] = f"{out[name]}, {text}" if name in out else text
+    # Bodies are relayed raw, so the upstream must not pick an encoding the client
+    # did not ask for; with no Accept-Encoding at all, ask for none.
+    out.setdefault("accept-encoding", "identity")
+    return out
+
+
+class Gateway:
+    """The ASGI app for everything under ``/v2``."""
+
+    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient]) -> None:
+        self.table = table
+        self.clients = clients
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = record_of(scope)
+        head = scope["method"] == "HEAD"
+        try:
+            await self._handle(scope, receive, send, record)
+        except RegistryError as exc:
+            record.error = exc.code
+            headers: Headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
+            headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
+            await send_body(send, exc.status, headers, exc.body(), head=head)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
+        method = scope["method"]
+        check_raw_path(scope.get("raw_path") or scope["path"].encode())
+        api = parse_api_path(scope["path"])
+        record.kind = api.kind.value
+        if api.kind is Kind.PING:
+            if method not in ("GET", "HEAD"):
+                raise unsupported_method(method)
+            await send_json(send, 200, {}, [API_VERSION_HEADER], head=method == "HEAD")
+            return
+        if method not in ("GET", "HEAD") or api.kind is Kind.UPLOAD:
+            raise unsupported_method(method)
+        check_reference(api)
+        query, ns = upstream_query(api.kind, scope.get("query_string", b""))
+        target = self.table.resolve(header_value(scope, b"host"), api.name, ns)
+        record.route = target.route.name
+        record.upstream = target.route.upstream.url
+        record.repository = target.upstream_name
+        client = self.clients[target.route.name]
+        follow = not (api.kind is Kind.BLOB and target.route.blob_redirect == "pass")
+        started = time.perf_counter()
+        opened = await client.open(
+            method,
+            f"/v2/{target.upstream_name}/{api.tail()}",
+            query=query,
+            headers=upstream_headers(scope),
+            repository=target.upstream_name,
+            follow_redirects=follow,
+        )
+        record.upstream_seconds = round(time.perf_counter() - started, 6)
+        if opened.redirects:
+            record.redirect = "followed"
+        try:
+            await self._answer(scope, receive, send, record, api, target, opened)
+        finally:
+            await opened.response.aclose()
+
+    async def _answer(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+        api: ApiPath,
+        target: Target,
+        opened: Opened,
+    ) -> None:
+        resp = opened.response
+        head = scope["method"] == "HEAD"
+        status = resp.status_code
+        if status in REDIRECT_STATUSES:
+            await self._pass_redirect(send, record, target, opened)
+        elif status >= 400:
+            await self._relay_error(send, record, api, target, resp, head=head)
+        elif api.kind is Kind.MANIFEST and not head and status == 200:
+            await self._relay_manifest(send, record, target, resp)
+        else:
+            headers = response_headers(resp.headers)
+            if api.kind is Kind.TAGS:
+                headers.extend(self._links(resp, target))
+            headers.append(API_VERSION_HEADER)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            if head or status in (204, 304):
+                await send({"type": "http.response.body", "body": b""})
+                return
+            end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+            record.bytes = sent
+            if end is not StreamEnd.COMPLETE:
+                record.error = end.value
+                if end is StreamEnd.UPSTREAM_BROKE:
+                    logger.warning(
+                        "upstream broke mid-body; aborting the client connection",
+                        extra={
+                            "fields": {
+                                "event": "upstream_broke",
+                                "request_id": record.request_id,
+                                "route": target.route.name,
+                                "bytes": sent,
+                            }
+                        },
+                    )
+
+    @staticmethod
+    def _links(resp: httpx.Response, target: Target) -> Headers:
+        out: Headers = []
+        for link in split_links(resp.headers.get_list("link")):
+            rewritten = rewrite_next_link(link, target.client_path_name)
+            if rewritten is not None:
+                out.append((b"link", rewritten.encode()))
+        return out
+
+    async def _pass_redirect(self, send: Send, record: RequestRecord, target: Target, opened: Opened) -> None:
+        """blob_redirect = "pass": the client fetches the blob from where the upstream points."""
+        location = opened.response.headers.get("location")
+        if not location:
+            raise RegistryError(
+                502,
+                UNAVAILABLE,
+                f"upstream {target.route.name} answered {opened.response.status_code} without Location",
+            )
+        record.redirect = "passed"
+        # Made absolute: a relative Location is relative to the upstream, not to us.
+        headers: Headers = [(b"location", urljoin(opened.url, location).encode()), API_VERSION_HEADER]
+        await send_body(send, opened.response.status_code, headers, b"")
+
+    async def _relay_manifest(self, send: Send, record: RequestRecord, target: Target, resp: httpx.Response) -> None:
+        try:
+            body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                502, UNAVAILABLE, f"upstream {target.route.name} broke while sending a manifest: {type(exc).__name__}"
+            ) from None
+        if body is None:
+            raise RegistryError(
+                502, UNAVAILABLE, f"upstream {target.route.name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
+            )
+        headers = response_headers(resp.headers)
+        if "docker-content-digest" not in resp.headers and "content-encoding" not in resp.headers:
+            # The spec requires Docker-Content-Digest on manifest answers; some upstreams
+            # omit it. The digest is over the exact bytes, which we hold.
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            headers.append((b"docker-content-digest", digest.encode()))
+        headers.append(API_VERSION_HEADER)
+        record.bytes = len(body)
+        await send_body(send, 200, headers, body)
+
+    async def _relay_error(
+        self,
+        send: Send,
+        record: RequestRecord,
+        api: ApiPath,
+        target: Target,
+        resp: httpx.Response,
+        *,
+        head: bool,
+    ) -> None:
+        """Upstream errors keep their status; a registry JSON body passes as is, anything else is wrapped."""
+        status = resp.status_code
+        body: bytes | None = None
+        if not head:
+            try:
+                body = await read_capped(resp, MAX_ERROR_BODY)
+            except httpx.HTTPError:
+                body = None
+        headers: Headers = [(k, v) for k, v in response_headers(resp.headers, ERROR_RESPONSE_HEADERS)]
+        if status == 416 and "content-range" in resp.headers:
+            headers.append((b"content-range", resp.headers["content-range"].encode()))
+        headers.extend([API_VERSION_HEADER, JSON_CONTENT_TYPE])
+        if body is None or not is_registry_error_body(body):
+            code = code_for_status(status, api.kind.value)
+            body = error_body(code, f"upstream {target.route.name} answered {status} {resp.reason_phrase}".strip())
+            record.error = code
+        else:
+            record.error = "upstream"
+        await send_body(send, status, headers, body, head=head)
