@@ -71,6 +71,12 @@ class _Scanner:
             self.pos += 1
         return self.text[start : self.pos]
 
+    def bare_value(self) -> str:
+        start = self.pos
+        while self.pos < len(self.text) and self.text[self.pos] not in ", \t":
+            self.pos += 1
+        return self.text[start : self.pos]
+
     def quoted(self) -> str | None:
         """A quoted-string after its opening quote; None if it never closes."""
         out: list[str] = []
@@ -140,7 +146,9 @@ def parse_www_authenticate(value: str) -> list[Challenge]:
                         return challenges
                     val = quoted
                 else:
-                    val = s.token()
+                    # RFC 9110 wants a token here, but realms are sent unquoted in the
+                    # wild (realm=https://...): take everything up to "," or space.
+                    val = s.bare_value()
                 # The first occurrence wins (RFC 9110: a parameter MUST NOT occur twice).
                 params.setdefault(name, val)
                 s.skip_ws()

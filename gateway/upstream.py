@@ -27,6 +27,7 @@ from urllib.parse import urljoin
 
 import httpx
 
+from gateway import __version__
 from gateway.auth import Token, TokenCache, TokenKey, basic_authorization, fetch_token
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import UNAVAILABLE, RegistryError
@@ -87,6 +88,7 @@ def new_http_client(
             keepalive_expiry=limits.keepalive_expiry,
         ),
         follow_redirects=False,
+        headers={"user-agent": f"registry-gateway/{__version__}"},
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
         # HTTPS_PROXY / NO_PROXY / SSL_CERT_FILE from the environment apply to upstream
         # connections: gateways often sit behind a corporate egress proxy.
