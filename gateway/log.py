@@ -77,6 +77,7 @@ class RequestRecord:
     client: str | None
     method: str
     path: str
+    query: str | None = None
     route: str | None = None
     upstream: str | None = None
     repository: str | None = None
@@ -119,6 +120,7 @@ class AccessLogMiddleware:
             client=client[0] if client else None,
             method=scope["method"],
             path=scope["path"][:512],
+            query=scope.get("query_string", b"").decode("latin-1")[:256] or None,
         )
         scope["gateway.record"] = record
         request_id_header = (b"x-request-id", record.request_id.encode())

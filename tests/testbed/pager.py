@@ -42,8 +42,11 @@ HTTPX_DEFAULTS = ("accept", "accept-encoding", "user-agent", "connection")
 class PagingRelay:
     """ASGI app relaying to ``upstream`` (e.g. ``http://127.0.0.1:5000``)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, default_page_size: int = 100) -> None:
         self.upstream = upstream.rstrip("/")
+        #: page size when the client sends no ``n``: real registries (ghcr.io, quay.io) paginate by default, so
+        #: clients that never ask for pages (skopeo list-tags) still have to follow ``Link``.
+        self.default_page_size = default_page_size
         self._client: httpx.AsyncClient | None = None
         #: number of tags/list requests that were paginated here (for tests)
         self.paginated_requests = 0
@@ -59,10 +62,9 @@ class PagingRelay:
         try:
             if scope["method"] == "GET" and TAGS_LIST.match(scope["path"]):
                 query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-                if "n" in query or "last" in query:
-                    self.paginated_requests += 1
-                    await self._paginate(scope, send, query)
-                    return
+                self.paginated_requests += 1
+                await self._paginate(scope, send, query)
+                return
             self.relayed_requests += 1
             await self._relay(scope, receive, send)
         except httpx.HTTPError as exc:
@@ -124,7 +126,7 @@ class PagingRelay:
         name = TAGS_LIST.match(scope["path"])
         assert name is not None
         repo = name.group("name")
-        limit: int | None = None
+        limit: int | None = self.default_page_size
         if "n" in query:
             try:
                 limit = int(query["n"][0])

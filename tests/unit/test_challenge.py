@@ -72,7 +72,7 @@ def test_parse(header, expected):
 def test_several_headers_and_picking():
     challenges = parse_challenges(['Basic realm="x"', 'Bearer realm="https://r"'])
     assert pick_challenge(challenges) == Challenge("bearer", {"realm": "https://r"})
-    assert pick_challenge(parse_challenges(['Basic realm="x"'])).scheme == "basic"
+    assert pick_challenge(parse_challenges(['Basic realm="x"'])) == Challenge("basic", {"realm": "x"})
     assert pick_challenge(parse_challenges(["Bearer service=s"])) is None  # Bearer without a realm is useless
     assert pick_challenge([]) is None
 

@@ -1,0 +1,1 @@
+from tests.testbed.fixtures import testbed, token_stats  # noqa: F401

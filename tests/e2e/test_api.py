@@ -1,0 +1,202 @@
+"""The registry API through the gateway against real distribution registries, request by request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import gateway_routes
+from tests.support import Gateway, run_gateway
+from tests.testbed.bed import Testbed
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+ALL_TYPES = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
+
+
+@pytest.fixture
+def fresh_gateway(testbed: Testbed, tmp_path: Path):
+    """A gateway with an empty token cache."""
+    env = {"E2E_GHCR_USER": testbed.credentials.username, "E2E_GHCR_PASS": testbed.credentials.password}
+    with run_gateway(gateway_routes(testbed), tmp_path, env=env) as gw:
+        yield gw
+
+
+def errors(resp: httpx.Response) -> list[dict]:
+    assert resp.headers["content-type"].startswith("application/json")
+    return resp.json()["errors"]
+
+
+def test_ping(gateway: Gateway):
+    resp = httpx.get(f"{gateway.url}/v2/")
+    assert resp.status_code == 200
+    assert resp.headers["docker-distribution-api-version"] == "registry/2.0"
+
+
+def test_hundred_concurrent_requests_cause_one_token_request(fresh_gateway: Gateway, testbed: Testbed, token_stats):
+    image = testbed.images["alpine"]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=fresh_gateway.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.head("/v2/alpine/manifests/3.20", headers={"accept": ALL_TYPES}) for _ in range(100))
+            )
+
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {200}
+    assert {r.headers["docker-content-digest"] for r in responses} == {image.digest}
+    hub = [r for r in token_stats.requests if r.service == testbed.hub.service]
+    assert len(hub) == 1
+    assert hub[0].scopes == ("repository:library/alpine:pull",)
+    # A later request reuses the token: still one.
+    assert httpx.get(f"{fresh_gateway.url}/v2/alpine/manifests/3.20", headers={"accept": ALL_TYPES}).status_code == 200
+    assert token_stats.count(service=testbed.hub.service) == 1
+
+
+def test_configured_credentials_reach_only_the_token_server(fresh_gateway: Gateway, testbed: Testbed, token_stats):
+    resp = httpx.get(f"{fresh_gateway.url}/v2/ghcr.io/private/secret-app/manifests/v1", headers={"accept": ALL_TYPES})
+    assert resp.status_code == 200
+    assert [r.basic_user for r in token_stats.requests] == [testbed.credentials.username]
+    log = fresh_gateway.log.read_text()
+    assert testbed.credentials.password not in log
+
+
+def test_manifest_head_and_get(gateway: Gateway, testbed: Testbed):
+    image = testbed.images["busybox"]
+    head = httpx.head(f"{gateway.url}/v2/busybox/manifests/1.36", headers={"accept": ALL_TYPES})
+    assert head.status_code == 200
+    assert head.headers["content-type"] == DOCKER_LIST
+    assert head.headers["docker-content-digest"] == image.digest
+    assert head.headers["content-length"] == str(len(image.manifest))
+    get = httpx.get(f"{gateway.url}/v2/busybox/manifests/1.36", headers={"accept": ALL_TYPES})
+    assert get.content == image.manifest
+    assert get.headers["etag"] == f'"{image.digest}"'
+
+
+def test_accept_is_forwarded_verbatim(gateway: Gateway, testbed: Testbed):
+    """distribution 2.8 answers by Accept: the gateway must not paper over it."""
+    # An OCI index is unknown to a client that accepts only Docker types.
+    resp = httpx.get(f"{gateway.url}/v2/alpine/manifests/3.20", headers={"accept": DOCKER_MANIFEST})
+    assert resp.status_code == 404
+    assert errors(resp)[0]["code"] == "MANIFEST_UNKNOWN"
+    # A Docker list becomes its amd64 child for a client that cannot take lists.
+    busybox = testbed.images["busybox"]
+    resp = httpx.get(f"{gateway.url}/v2/busybox/manifests/1.36", headers={"accept": DOCKER_MANIFEST})
+    assert resp.status_code == 200
+    assert resp.headers["docker-content-digest"] == busybox.platform_digest("linux/amd64")
+
+
+def test_blob_get_head_and_ranges_through_the_cdn_redirect(gateway: Gateway, testbed: Testbed):
+    image = testbed.images["tool"]
+    digest, size = next(iter(image.blobs.items()))
+    url = f"{gateway.url}/v2/someorg/tool/blobs/{digest}"
+    testbed.cdn.reset()
+    full = httpx.get(url)
+    assert full.status_code == 200
+    assert "sha256:" + hashlib.sha256(full.content).hexdigest() == digest
+    head = httpx.head(url)
+    assert head.status_code == 200
+    assert head.headers["content-length"] == str(size)
+    part = httpx.get(url, headers={"range": "bytes=5-14"})
+    assert part.status_code == 206
+    assert part.content == full.content[5:15]
+    assert part.headers["content-range"] == f"bytes 5-14/{size}"
+    beyond = httpx.get(url, headers={"range": f"bytes={size + 10}-"})
+    assert beyond.status_code == 416
+    assert errors(beyond)[0]["code"] == "RANGE_INVALID"
+    cdn = testbed.cdn.wait_for_requests(4)
+    assert {r.method for r in cdn} == {"GET", "HEAD"}
+    assert not any(r.authorization for r in cdn)  # the CDN answers 400 to a request with Authorization
+    assert any(r.range == "bytes=5-14" for r in cdn)
+
+
+def test_blob_redirect_pass(gateway: Gateway, testbed: Testbed):
+    digest = next(iter(testbed.images["tool"].blobs))
+    resp = httpx.get(f"{gateway.url}/v2/someorg/tool/blobs/{digest}", headers={"host": f"pass.gw.test:{gateway.port}"})
+    assert resp.status_code == 307
+    location = resp.headers["location"]
+    assert location.startswith(testbed.cdn_url)
+    followed = httpx.get(location)
+    assert "sha256:" + hashlib.sha256(followed.content).hexdigest() == digest
+
+
+def test_tag_pages_follow_rewritten_links(gateway: Gateway, testbed: Testbed):
+    expected = sorted(testbed.images["manytags"].tags)
+    for start in ("/v2/docker.io/manytags/tags/list?n=64", "/v2/manytags/tags/list?n=64"):
+        client_name = start.split("/tags/")[0].removeprefix("/v2/")
+        seen: list[str] = []
+        url: str | None = start
+        while url:
+            resp = httpx.get(gateway.url + url)
+            assert resp.status_code == 200
+            seen += resp.json()["tags"]
+            link = resp.headers.get("link")
+            if link:
+                url = link[1 : link.index(">")]
+                assert url.startswith(f"/v2/{client_name}/tags/list?")  # the client's namespace, library/ left out
+            else:
+                url = None
+        assert seen == expected
+
+
+def test_upstream_errors_pass_through(gateway: Gateway, testbed: Testbed):
+    unknown_blob = "sha256:" + "0" * 64
+    resp = httpx.get(f"{gateway.url}/v2/alpine/blobs/{unknown_blob}")
+    assert resp.status_code == 404
+    assert errors(resp)[0]["code"] == "BLOB_UNKNOWN"
+    resp = httpx.get(f"{gateway.url}/v2/ghcr.io/org/nothing-here/manifests/v1")
+    assert resp.status_code == 404
+    assert errors(resp)[0]["code"] in ("NAME_UNKNOWN", "MANIFEST_UNKNOWN")
+    resp = httpx.get(f"{gateway.url}/v2/alpine/referrers/{testbed.images['alpine'].digest}")
+    assert resp.status_code == 404  # distribution 2.8 has no referrers API: a JSON 404, the client falls back
+    assert errors(resp)
+
+
+def test_private_image_without_credentials_is_unauthorized(gateway: Gateway):
+    resp = httpx.get(
+        f"{gateway.url}/v2/private/secret-app/manifests/v1", headers={"host": f"anon.gw.test:{gateway.port}"}
+    )
+    assert resp.status_code == 401
+    assert errors(resp)[0]["code"] == "UNAUTHORIZED"
+    assert "www-authenticate" not in resp.headers
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
+def test_writes_are_refused(gateway: Gateway, method):
+    resp = httpx.request(method, f"{gateway.url}/v2/alpine/blobs/uploads/")
+    assert resp.status_code == 405
+    assert resp.headers["allow"] == "GET, HEAD"
+
+
+def test_memory_stays_flat_while_streaming_a_large_blob(gateway: Gateway, testbed: Testbed):
+    """Peak RSS stays far below the blob size with four concurrent pulls of the big layer."""
+    image = testbed.images["bigimage"]
+    digest, size = max(image.blobs.items(), key=lambda item: item[1])
+
+    async def pull() -> str:
+        h = hashlib.sha256()
+        async with (
+            httpx.AsyncClient(timeout=120) as client,
+            client.stream("GET", f"{gateway.url}/v2/bigimage/blobs/{digest}") as resp,
+        ):
+            async for chunk in resp.aiter_raw():
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+    async def pulls() -> list[str]:
+        return await asyncio.gather(*(pull() for _ in range(4)))
+
+    assert asyncio.run(pulls()) == [digest] * 4
+    status = Path(f"/proc/{gateway.proc.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    assert size >= 256 << 20
+    assert peak_kib * 1024 < size / 2, f"peak RSS {peak_kib} KiB while streaming 4 x {size} bytes"
+    lines = [json.loads(line) for line in gateway.log_lines() if '"event":"access"' in line]
+    assert sum(1 for r in lines if r.get("path", "").endswith(digest) and r.get("bytes") == size) >= 4
