@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings.log_level)
     import uvicorn
 
+    metrics_dir = _multiprocess_metrics_dir(settings.workers)
+
     from gateway.log import logger
 
     logger.info(
@@ -69,18 +73,46 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
         },
     )
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        timeout_keep_alive=75,
-    )
+    try:
+        uvicorn.run(
+            "gateway.app:worker_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            # X-Forwarded-* are handled by the app (gateway/forwarded.py), Host included.
+            proxy_headers=False,
+            # Longer than the usual 60 s idle timeout of nginx and load balancers, so that the
+            # proxy, not the gateway, closes idle keep-alive connections (no races on reuse).
+            timeout_keep_alive=75,
+            # On SIGTERM: stop accepting, let in-flight pulls finish for this long.
+            timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _multiprocess_metrics_dir(workers: int) -> str | None:
+    """Prepare prometheus-client's multiprocess directory; returns one to delete at exit.
+
+    Workers are started afresh by uvicorn and inherit the variable, so /metrics in any
+    worker reports the sum over all of them.
+    """
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        # Values left by an earlier run would be added to this run's (prometheus-client docs).
+        for stale in Path(configured).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return None
+    if workers <= 1:
+        return None
+    directory = tempfile.mkdtemp(prefix="registry-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ASGI application: ``/v2`` goes to the relay, the rest to a small starlette app.
 
-``create_app()`` with no arguments reads Settings from the environment; this is
-the factory uvicorn calls in every worker (``gateway.app:create_app``).
+``create_app()`` builds the app from Settings (read from the environment when not
+given); ``worker_app`` is the factory uvicorn calls in every worker process.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import metrics
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.auth import TokenCache
 from gateway.errors import UNSUPPORTED, error_body
-from gateway.log import AccessLogMiddleware
+from gateway.forwarded import ForwardedHeadersMiddleware
+from gateway.log import AccessLogMiddleware, configure_logging
 from gateway.proxy import Gateway
 from gateway.routes import RouteTable, load_routes
 from gateway.settings import Settings
@@ -60,6 +62,17 @@ def build_clients(
     return clients
 
 
+def worker_app() -> ASGIApp:
+    """The factory uvicorn calls in each worker process: logging first, then the app.
+
+    Workers are fresh processes (uvicorn spawns them), so logging configured in the
+    parent does not reach them.
+    """
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -77,6 +90,10 @@ def create_app(
     async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "ready", "routes": [r.name for r in table.routes]})
 
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
@@ -86,8 +103,13 @@ def create_app(
                 await client.aclose()
 
     other = Starlette(
-        routes=[Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/readyz", readyz, methods=["GET", "HEAD"])],
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
         exception_handlers={404: _not_found, 405: _not_found},
         lifespan=lifespan,
     )
-    return AccessLogMiddleware(App(gateway, other))
+    app = AccessLogMiddleware(App(gateway, other), observers=[metrics.observe])
+    return ForwardedHeadersMiddleware(app, settings.forwarded_allow_ips)

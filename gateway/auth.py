@@ -26,6 +26,7 @@ from datetime import datetime
 
 import httpx
 
+from gateway import metrics
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, RegistryError
 from gateway.httputil import read_capped
 from gateway.routes import Credentials
@@ -131,6 +132,7 @@ class TokenCache:
         cached = self.get(key)
         if cached is not None:
             self.hits += 1
+            metrics.TOKEN_CACHE_HITS.inc()
             return cached
         task = self._inflight.get(key)
         if task is None:
@@ -144,8 +146,12 @@ class TokenCache:
     async def _fetch(self, key: TokenKey, fetch: Callable[[], Awaitable[Token]]) -> Token:
         try:
             token = await fetch()
+        except BaseException:
+            metrics.TOKEN_FETCHES.labels("error").inc()
+            raise
         finally:
             self._inflight.pop(key, None)
+        metrics.TOKEN_FETCHES.labels("ok").inc()
         margin = min(self._refresh_margin, token.lifetime / 10)
         self._store(key, token.value, self._clock() + token.lifetime - margin)
         return token

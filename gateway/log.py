@@ -14,6 +14,7 @@ import re
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -106,8 +108,9 @@ def request_id_from(scope: Scope) -> str:
 class AccessLogMiddleware:
     """Times each HTTP request, echoes its request id, and writes one JSON access line."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observers: Sequence[Callable[[RequestRecord, float], None]] = ()) -> None:
         self.app = app
+        self.observers = tuple(observers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,7 +137,10 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            fields: dict[str, Any] = {"event": "access", "duration_ms": round((time.perf_counter() - start) * 1000, 3)}
+            seconds = time.perf_counter() - start
+            for observe in self.observers:
+                observe(record, seconds)
+            fields: dict[str, Any] = {"event": "access", "duration_ms": round(seconds * 1000, 3)}
             for name in RequestRecord.__slots__:
                 value = getattr(record, name)
                 if value is not None:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin
 
 import httpx
 
+from gateway import metrics
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -202,11 +203,17 @@ class Gateway:
             if head or status in (204, 304):
                 await send({"type": "http.response.body", "body": b""})
                 return
-            end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+            in_flight = metrics.STREAMS_IN_FLIGHT.labels(target.route.name)
+            in_flight.inc()
+            try:
+                end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+            finally:
+                in_flight.dec()
             record.bytes = sent
             if end is not StreamEnd.COMPLETE:
                 record.error = end.value
                 if end is StreamEnd.UPSTREAM_BROKE:
+                    metrics.upstream_error(target.route.name, "broken_stream")
                     logger.warning(
                         "upstream broke mid-body; aborting the client connection",
                         extra={
@@ -275,6 +282,8 @@ class Gateway:
     ) -> None:
         """Upstream errors keep their status; a registry JSON body passes as is, anything else is wrapped."""
         status = resp.status_code
+        if status >= 500:
+            metrics.upstream_error(target.route.name, "status_5xx")
         body: bytes | None = None
         if not head:
             try:

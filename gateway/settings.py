@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
+    # Behind a reverse proxy: peers whose X-Forwarded-* headers are believed (comma-separated
+    # IPs or CIDRs, or "*"). Anyone else's forwarding headers are ignored.
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    # On SIGTERM: stop accepting, let in-flight pulls finish for up to this many seconds.
+    shutdown_timeout: float = Field(default=300.0, ge=0)
+
     # Upstream patience, in seconds.
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=300.0, gt=0)

@@ -27,7 +27,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from gateway import __version__
+from gateway import __version__, metrics
 from gateway.auth import Token, TokenCache, TokenKey, basic_authorization, fetch_token
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import UNAVAILABLE, RegistryError
@@ -160,6 +160,7 @@ class UpstreamClient:
             url = urljoin(url, location)
             if not url.startswith(("https://", "http://")):
                 raise RegistryError(502, UNAVAILABLE, f"upstream {self.route.name} redirected to a non-HTTP URL")
+        metrics.upstream_error(self.route.name, "redirects")
         raise RegistryError(
             502, UNAVAILABLE, f"upstream {self.route.name} redirected more than {self.max_redirects} times"
         )
@@ -217,7 +218,11 @@ class UpstreamClient:
             self.tokens.invalidate(key, refused[7:])
 
         async def fetch() -> Token:
-            return await fetch_token(self.http, key, credentials, timeout=self._token_timeout)
+            try:
+                return await fetch_token(self.http, key, credentials, timeout=self._token_timeout)
+            except RegistryError:
+                metrics.upstream_error(self.route.name, "token")
+                raise
 
         return "Bearer " + await self.tokens.obtain(key, fetch)
 
@@ -234,10 +239,12 @@ class UpstreamClient:
         try:
             return await self.http.send(request, stream=True)
         except httpx.TimeoutException:
+            metrics.upstream_error(self.route.name, "timeout")
             raise RegistryError(
                 504, UNAVAILABLE, f"upstream {self.route.name} timed out ({httpx.URL(url).host})"
             ) from None
         except httpx.HTTPError as exc:
+            metrics.upstream_error(self.route.name, "connect" if isinstance(exc, httpx.ConnectError) else "protocol")
             raise RegistryError(
                 502,
                 UNAVAILABLE,

@@ -470,3 +470,75 @@ async def test_json_body_of_every_error_is_valid(client):
     for path in ["/v2/_catalog", "/v2/a%2Fb/manifests/x", "/v2/evil.io/a/manifests/x"]:
         resp = await client.get(path)
         json.loads(resp.content)
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+async def test_metrics_count_requests_bytes_tokens_and_redirects(client, fake):
+    before = (await client.get("/metrics")).text
+    await client.get("/v2/alpine/manifests/latest")
+    await client.get("/v2/alpine/manifests/latest")
+    await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    await client.get("/v2/evil.example/x/manifests/1")
+    after = (await client.get("/metrics")).text
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("registry_gateway_requests_total", route="docker.io", kind="manifest", method="GET", status="200") == 2
+    assert delta("registry_gateway_requests_total", route="docker.io", kind="blob", method="GET", status="200") == 1
+    assert delta("registry_gateway_requests_total", route="-", kind="manifest", status="404") == 1
+    assert delta("registry_gateway_response_bytes_total", route="docker.io", kind="blob") == len(BLOB)
+    assert delta("registry_gateway_token_fetches_total", result="ok") == 1
+    assert delta("registry_gateway_token_cache_hits_total") >= 2
+    assert delta("registry_gateway_redirects_total", route="docker.io", mode="followed") == 1
+    assert delta("registry_gateway_upstream_response_seconds_count", route="docker.io", kind="blob") == 1
+    assert sample(after, "registry_gateway_streams_in_flight", route="docker.io") == 0
+
+
+async def test_metrics_count_upstream_errors_by_kind(client, fake):
+    def refuse(request):
+        raise httpx.ConnectError("refused", request=request)
+
+    before = (await client.get("/metrics")).text
+    fake.override = refuse
+    await client.get("/v2/alpine/manifests/latest")
+    after = (await client.get("/metrics")).text
+    name = "registry_gateway_upstream_errors_total"
+    assert (
+        sample(after, name, route="docker.io", kind="connect") - sample(before, name, route="docker.io", kind="connect")
+        == 1
+    )
+
+
+async def test_forwarded_host_from_a_trusted_proxy_selects_the_route(app, fake):
+    headers = {"host": "gw.test", "x-forwarded-host": "private.example.com", "x-forwarded-proto": "https"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)), base_url="http://gw.test"
+    ) as c:
+        assert (await c.get("/v2/team/app/manifests/v1", headers=headers)).status_code == 200
+    assert fake.seen(REALM)[-1].headers["authorization"].startswith("Basic ")  # the private route's credentials
+    fake.requests.clear()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, client=("10.9.9.9", 1)), base_url="http://gw.test"
+    ) as c:
+        assert (await c.get("/v2/team/app/manifests/v1", headers=headers)).status_code == 200
+    # From an untrusted peer the header is ignored: the default route, anonymous.
+    assert all("authorization" not in r.headers for r in fake.seen(REALM))
+    assert fake.seen(REGISTRY)[-1].url.path == "/v2/team/app/manifests/v1"
+
+
+async def test_health_and_readiness(client):
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = (await client.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    assert ready["routes"] == ["docker.io", "private.io", "pass.io"]

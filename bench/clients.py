@@ -1,0 +1,280 @@
+"""The load the benchmark sends: curl for blobs (not Python-bound), wrk for manifests, httpx for small checks."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+WRK_SCRIPT = Path(__file__).with_name("wrk_report.lua")
+MANIFEST_ACCEPT = ",".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+_CURL_FORMAT = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{num_redirects}\\n"
+
+
+class ClientError(RuntimeError):
+    """A client saw something other than a complete, correct answer."""
+
+
+def require_tools(names: Sequence[str]) -> None:
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        raise SystemExit(f"bench: missing tools: {', '.join(missing)} (scripts/install installs them)")
+
+
+class ClientAuth:
+    """A client's Bearer token, fetched from the token server like docker would, renewed before it expires."""
+
+    def __init__(self, realm: str, service: str, scopes: Sequence[str]) -> None:
+        self.realm = realm
+        self.service = service
+        self.scopes = list(scopes)
+        self._token = ""
+        self._expires = 0.0
+        self.fetched = 0
+
+    def token(self) -> str:
+        if time.monotonic() > self._expires:
+            params = [("service", self.service), *(("scope", scope) for scope in self.scopes)]
+            response = httpx.get(self.realm, params=params, timeout=30, trust_env=False)
+            response.raise_for_status()
+            body = response.json()
+            self._token = str(body["token"])
+            # renew at half the lifetime, so no measurement ever runs with an expired token
+            self._expires = time.monotonic() + float(body.get("expires_in", 60)) / 2
+            self.fetched += 1
+        return self._token
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way to reach the registry: ``direct`` (token + client follows the redirect), ``nginx``, ``gateway``."""
+
+    name: str
+    base_url: str
+    auth: ClientAuth | None
+    follow_redirects: bool
+
+    def curl_args(self) -> list[str]:
+        args = ["-L"] if self.follow_redirects else []
+        if self.auth is not None:
+            # curl -L keeps Authorization to the first host only (another host or port does not get it)
+            args += ["-H", f"Authorization: Bearer {self.auth.token()}"]
+        return args
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth.token()}"} if self.auth is not None else {}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One curl download."""
+
+    status: int
+    size: int
+    ttfb: float
+    total: float
+    redirects: int
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.size / self.total if self.total > 0 else 0.0
+
+
+def _curl_argv(target: Target, path: str, output: str = "/dev/null") -> list[str]:
+    return [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--http1.1",
+        "--max-time",
+        "600",
+        "--output",
+        output,
+        "--write-out",
+        _CURL_FORMAT,
+        *target.curl_args(),
+        target.base_url + path,
+    ]
+
+
+def _parse_transfer(target: Target, stdout: bytes, stderr: bytes, returncode: int, expected_size: int) -> Transfer:
+    fields = stdout.decode(errors="replace").split()
+    if returncode != 0 or len(fields) != 5:
+        detail = stderr.decode(errors="replace").strip() or stdout.decode(errors="replace").strip()
+        raise ClientError(f"{target.name}: curl exited with {returncode}: {detail}")
+    transfer = Transfer(int(fields[0]), int(fields[1]), float(fields[2]), float(fields[3]), int(fields[4]))
+    if transfer.status != 200 or transfer.size != expected_size:
+        raise ClientError(f"{target.name}: HTTP {transfer.status}, {transfer.size} bytes instead of {expected_size}")
+    if not target.follow_redirects and transfer.redirects:
+        raise ClientError(f"{target.name}: the client was redirected")
+    return transfer
+
+
+def download(target: Target, path: str, expected_size: int) -> Transfer:
+    """One GET to /dev/null, timed by curl."""
+    done = subprocess.run(_curl_argv(target, path), capture_output=True, check=False)
+    return _parse_transfer(target, done.stdout, done.stderr, done.returncode, expected_size)
+
+
+@dataclass(frozen=True)
+class ParallelRun:
+    transfers: list[Transfer]
+    wall_seconds: float
+    #: user + system CPU seconds of the curl processes
+    client_cpu_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.size for t in self.transfers)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parallel_downloads(target: Target, path: str, expected_size: int, streams: int) -> ParallelRun:
+    """``streams`` curl processes started at once; wall time from the first start to the last exit."""
+    argvs = [_curl_argv(target, path) for _ in range(streams)]
+    cpu_before = _children_cpu()
+    started = time.perf_counter()
+    running = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]
+    outputs = [proc.communicate() for proc in running]
+    wall = time.perf_counter() - started
+    client_cpu = _children_cpu() - cpu_before
+    transfers = [
+        _parse_transfer(target, out, err, proc.returncode or 0, expected_size)
+        for proc, (out, err) in zip(running, outputs, strict=True)
+    ]
+    return ParallelRun(transfers, wall, client_cpu)
+
+
+def blob_sha256(target: Target, path: str) -> tuple[str, int]:
+    """The sha256 of a whole download (curl piped into sha256sum), and its size."""
+    argv = _curl_argv(target, path, output="-")
+    curl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert curl.stdout is not None
+    summer = subprocess.Popen(["sha256sum"], stdin=curl.stdout, stdout=subprocess.PIPE)
+    curl.stdout.close()  # sha256sum holds the pipe now
+    digest_out, _ = summer.communicate()
+    assert curl.stderr is not None
+    err = curl.stderr.read()
+    curl.wait()
+    fields = err.decode(errors="replace")
+    if curl.returncode != 0:
+        raise ClientError(f"{target.name}: curl exited with {curl.returncode}: {fields.strip()}")
+    # with --output -, the --write-out line goes to stdout too; curl writes it after the body
+    return "sha256:" + digest_out.decode().split()[0], -1
+
+
+def manifest_get(target: Target, path: str) -> httpx.Response:
+    headers = {"Accept": MANIFEST_ACCEPT, **target.headers()}
+    return httpx.get(target.base_url + path, headers=headers, timeout=30, trust_env=False)
+
+
+def count_requests(target: Target, path: str, total: int, concurrency: int) -> dict[str, int]:
+    """``total`` manifest GETs from ``concurrency`` threads; status code -> count."""
+    statuses: dict[str, int] = {}
+    lock = threading.Lock()
+    remaining = [total]
+    headers = {"Accept": MANIFEST_ACCEPT, **target.headers()}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with httpx.Client(base_url=target.base_url, headers=headers, timeout=30, trust_env=False, limits=limits) as client:
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                try:
+                    key = str(client.get(path).status_code)
+                except httpx.HTTPError as exc:
+                    key = type(exc).__name__
+                with lock:
+                    statuses[key] = statuses.get(key, 0) + 1
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return statuses
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    requests: int
+    seconds: float
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def wrk(
+    target: Target,
+    path: str,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 1,
+    log: Path | None = None,
+) -> WrkRun:
+    """wrk with a fixed duration; the Lua script reports requests, errors and latency percentiles as JSON."""
+    argv = [
+        "wrk",
+        f"--threads={min(threads, connections)}",
+        f"--connections={connections}",
+        f"--duration={max(1, round(seconds))}s",
+        "--timeout=10s",
+        f"--script={WRK_SCRIPT}",
+        "--header",
+        f"Accept: {MANIFEST_ACCEPT}",
+    ]
+    for name, value in target.headers().items():
+        argv += ["--header", f"{name}: {value}"]
+    argv.append(target.base_url + path)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
+    if log is not None:
+        with log.open("a") as out:
+            out.write(f"$ wrk ... {target.name} c={connections} {seconds}s\n{done.stdout}{done.stderr}\n")
+    report = next((line for line in done.stdout.splitlines() if line.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or report is None:
+        raise ClientError(f"{target.name}: wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout}")
+    data = json.loads(report.removeprefix("BENCH_JSON "))
+    errors = {key: int(data[key]) for key in ("connect", "read", "write", "status", "timeout")}
+    return WrkRun(
+        requests=int(data["requests"]),
+        seconds=float(data["duration_us"]) / 1e6,
+        errors=errors,
+        p50_ms=float(data["p50_us"]) / 1000,
+        p90_ms=float(data["p90_us"]) / 1000,
+        p99_ms=float(data["p99_us"]) / 1000,
+        max_ms=float(data["max_us"]) / 1000,
+    )

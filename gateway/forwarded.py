@@ -1,0 +1,108 @@
+"""Trusted reverse proxies: ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``X-Forwarded-For``.
+
+Behind nginx or an ingress the gateway sees the proxy's address, and maybe not the
+host name the client used, so host routing, the scheme of URLs it writes and the
+client IP in logs all depend on these headers. They are believed only from peers
+listed in ``GATEWAY_FORWARDED_ALLOW_IPS`` (default: loopback); from anyone else
+they are ignored, so a client cannot pick a route or fake its address by sending
+them itself.
+
+For ``X-Forwarded-For`` the client is the right-most address that is not itself a
+trusted proxy: every proxy appends the address it received the request from, so
+entries to the left of the first untrusted hop are whatever the client claimed.
+``X-Forwarded-Proto`` and ``X-Forwarded-Host`` are taken from their right-most value,
+the one set by the nearest proxy.
+
+References: uvicorn's ``middleware/proxy_headers.py`` (which handles Proto and For
+but not Host), MDN "X-Forwarded-For" (security and privacy concerns).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from gateway.asgi import ASGIApp, Receive, Scope, Send
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedProxies:
+    """A set of trusted peers: addresses, networks, or everyone (``*``)."""
+
+    def __init__(self, spec: str) -> None:
+        self.everyone = False
+        self.networks: list[IPNetwork] = []
+        self.literals: set[str] = set()  # e.g. "unix:" peers or host names, compared as text
+        for item in (part.strip() for part in spec.split(",")):
+            if not item:
+                continue
+            if item == "*":
+                self.everyone = True
+                continue
+            try:
+                self.networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.literals.add(item)
+
+    def __contains__(self, host: str | None) -> bool:
+        if self.everyone:
+            return True
+        if host is None:
+            return False
+        if host in self.literals:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def _last_value(raw: bytes) -> str:
+    return raw.decode("latin-1").rsplit(",", 1)[-1].strip()
+
+
+class ForwardedHeadersMiddleware:
+    """Apply X-Forwarded-* from trusted peers to the ASGI scope; drop them otherwise."""
+
+    def __init__(self, app: ASGIApp, trusted: str) -> None:
+        self.app = app
+        self.trusted = TrustedProxies(trusted)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            if client is not None and client[0] in self.trusted:
+                self._apply(scope)
+        await self.app(scope, receive, send)
+
+    def _apply(self, scope: Scope) -> None:
+        forwarded_for = proto = host = None
+        headers: list[tuple[bytes, bytes]] = []
+        for key, value in scope["headers"]:
+            if key == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b"," + value
+            elif key == b"x-forwarded-proto":
+                proto = value
+            elif key == b"x-forwarded-host":
+                host = value
+            headers.append((key, value))
+        if proto is not None:
+            scheme = _last_value(proto).lower()
+            if scheme in ("http", "https"):
+                scope["scheme"] = scheme
+        if host is not None:
+            value = _last_value(host)
+            if value and all(33 <= ord(c) < 127 for c in value):
+                headers = [(k, v) for k, v in headers if k != b"host"]
+                headers.append((b"host", value.encode("latin-1")))
+                scope["headers"] = headers
+        if forwarded_for is not None:
+            hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+            client_host = None
+            for hop in reversed(hops):
+                client_host = hop
+                if hop not in self.trusted:
+                    break
+            if client_host is not None:
+                scope["client"] = (client_host, 0)

@@ -1,0 +1,103 @@
+"""Prometheus metrics, and the ``/metrics`` exposition.
+
+Everything a request did is counted once, when it ends, from its access record
+(``observe``); nothing is counted per body chunk, so the streaming loop stays lean.
+
+With several workers every process keeps its own values; prometheus-client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``__main__`` when
+``--workers`` > 1) shares them through files so that ``/metrics``, whichever
+worker answers it, adds them all up. The in-flight gauge uses ``livesum`` so that
+a dead worker's streams stop counting.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway.log import RequestRecord
+
+NO_ROUTE = "-"
+
+REQUESTS = Counter(
+    "registry_gateway_requests",
+    "Client requests answered, by route, endpoint kind, method and status.",
+    ["route", "kind", "method", "status"],
+)
+RESPONSE_BYTES = Counter(
+    "registry_gateway_response_bytes",
+    "Body bytes sent to clients, by route and endpoint kind.",
+    ["route", "kind"],
+)
+REQUEST_SECONDS = Histogram(
+    "registry_gateway_request_duration_seconds",
+    "Time to answer a client request completely (a whole blob for blob pulls).",
+    ["route", "kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+UPSTREAM_SECONDS = Histogram(
+    "registry_gateway_upstream_response_seconds",
+    "Time until the upstream's response headers arrived, token requests and redirects included.",
+    ["route", "kind"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TOKEN_FETCHES = Counter(
+    "registry_gateway_token_fetches",
+    "Token requests sent to upstream token endpoints, by result (ok, error).",
+    ["result"],
+)
+TOKEN_CACHE_HITS = Counter("registry_gateway_token_cache_hits", "Upstream tokens served from the cache.")
+STREAMS_IN_FLIGHT = Gauge(
+    "registry_gateway_streams_in_flight",
+    "Response bodies being streamed to clients right now.",
+    ["route"],
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "registry_gateway_upstream_errors",
+    "Upstream failures by route and kind: connect, timeout, protocol, redirects, token, broken_stream, status_5xx.",
+    ["route", "kind"],
+)
+REDIRECTS = Counter(
+    "registry_gateway_redirects",
+    "Upstream redirects, by route and what was done with them (followed, passed).",
+    ["route", "mode"],
+)
+
+
+def observe(record: RequestRecord, seconds: float) -> None:
+    """Count one finished request."""
+    route = record.route or NO_ROUTE
+    kind = record.kind or "other"
+    REQUESTS.labels(route, kind, record.method, str(record.status)).inc()
+    if record.bytes:
+        RESPONSE_BYTES.labels(route, kind).inc(record.bytes)
+    if record.route is not None:
+        REQUEST_SECONDS.labels(route, kind).observe(seconds)
+    if record.upstream_seconds is not None:
+        UPSTREAM_SECONDS.labels(route, kind).observe(record.upstream_seconds)
+    if record.redirect is not None:
+        REDIRECTS.labels(route, record.redirect).inc()
+
+
+def upstream_error(route: str, kind: str) -> None:
+    UPSTREAM_ERRORS.labels(route, kind).inc()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics text, from every worker when running in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # prometheus-client is untyped here
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
