@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if value is not None:
             os.environ[f"GATEWAY_{name.upper()}"] = str(value)
 
+    from gateway.app import check_settings
     from gateway.log import configure_logging
     from gateway.routes import ConfigError, load_routes
     from gateway.settings import Settings
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"registry-gateway: error: {key}: {first['msg']}")
     try:
         table = load_routes(settings.routes)
+        check_settings(settings, table)
     except ConfigError as exc:
         sys.exit(f"registry-gateway: error: {exc}")
 

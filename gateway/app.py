@@ -17,28 +17,33 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import metrics
+from gateway.access import AccessControl, ClientAuth, RateLimiter
 from gateway.asgi import ASGIApp, Receive, Scope, Send
 from gateway.auth import TokenCache
 from gateway.errors import UNSUPPORTED, error_body
 from gateway.forwarded import ForwardedHeadersMiddleware
 from gateway.log import AccessLogMiddleware, configure_logging
+from gateway.passthrough import TOKEN_PATH, TokenRelay
 from gateway.proxy import Gateway
-from gateway.routes import RouteTable, load_routes
+from gateway.routes import ConfigError, RouteTable, load_routes
 from gateway.settings import Settings
-from gateway.upstream import UpstreamClient, new_http_client
+from gateway.upstream import Breaker, UpstreamClient, new_http_client
 
 
 class App:
-    """Dispatch on the path: the registry API is raw ASGI, the rest is starlette."""
+    """Dispatch on the path: the registry API and the token relay are raw ASGI, the rest is starlette."""
 
-    def __init__(self, gateway: Gateway, other: ASGIApp) -> None:
+    def __init__(self, gateway: Gateway, tokens: TokenRelay, other: ASGIApp) -> None:
         self.gateway = gateway
+        self.tokens = tokens
         self.other = other
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path == "/v2" or path.startswith("/v2/")):
             await self.gateway(scope, receive, send)
+        elif scope["type"] == "http" and path == TOKEN_PATH:
+            await self.tokens(scope, receive, send)
         else:
             await self.other(scope, receive, send)
 
@@ -55,9 +60,14 @@ def build_clients(
     tokens = TokenCache()
     clients: dict[str, UpstreamClient] = {}
     for route in table.routes:
-        http = new_http_client(settings.timeouts(), settings.pool_limits(), transport)
+        http = new_http_client(settings.timeouts(), settings.pool_limits(), transport, route=route)
         clients[route.name] = UpstreamClient(
-            route, http, tokens, timeouts=settings.timeouts(), max_redirects=settings.max_redirects
+            route,
+            http,
+            tokens,
+            timeouts=settings.timeouts(),
+            max_redirects=settings.max_redirects,
+            breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
         )
     return clients
 
@@ -71,6 +81,18 @@ def worker_app() -> ASGIApp:
     settings = Settings()
     configure_logging(settings.log_level)
     return create_app(settings)
+
+
+def check_settings(settings: Settings, table: RouteTable) -> None:
+    """Settings that contradict the routes: raise ConfigError with one line."""
+    if settings.client_auth_enabled:
+        for route in table.routes:
+            if route.auth == "passthrough":
+                raise ConfigError(
+                    f'route {route.name!r} passes logins through (auth = "passthrough"), which cannot be combined '
+                    "with GATEWAY_HTPASSWD / GATEWAY_AUTH_TOKENS_FILE: both use the client's Authorization header"
+                )
+        ClientAuth(settings.htpasswd, settings.auth_tokens_file)  # parse errors surface at start-up
 
 
 def create_app(
@@ -111,5 +133,12 @@ def create_app(
         exception_handlers={404: _not_found, 405: _not_found},
         lifespan=lifespan,
     )
-    app = AccessLogMiddleware(App(gateway, other), observers=[metrics.observe])
+    relay = TokenRelay(table, clients, timeout=settings.token_timeout)
+    check_settings(settings, table)
+    auth = ClientAuth(settings.htpasswd, settings.auth_tokens_file) if settings.client_auth_enabled else None
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+    inner: ASGIApp = App(gateway, relay, other)
+    if auth is not None or limiter is not None:
+        inner = AccessControl(inner, limiter=limiter, auth=auth)
+    app = AccessLogMiddleware(inner, observers=[metrics.observe])
     return ForwardedHeadersMiddleware(app, settings.forwarded_allow_ips)

@@ -177,27 +177,38 @@ async def fetch_token(
     key: TokenKey,
     credentials: Credentials | None,
     *,
-    timeout: httpx.Timeout,
+    timeout: float,
     wall_clock: Callable[[], float] = time.time,
 ) -> Token:
-    """One token request to ``key.realm``. Every failure becomes a RegistryError naming the realm."""
+    """One token request to ``key.realm``, all of it within ``timeout`` seconds.
+
+    Every failure becomes a RegistryError naming the realm. The deadline covers the
+    whole exchange, body included: a realm that trickles its answer byte by byte
+    (each read inside httpx's per-read timeout) still cannot hold a request forever.
+    """
     params: list[tuple[str, str | int | float | bool | None]] = []
     if key.service:
         params.append(("service", key.service))
     params.extend(("scope", scope) for scope in key.scopes)
-    headers = {"Accept": "application/json"}
+    # identity: the answer is read and capped here, never inflated by a decoder first.
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
     if credentials is not None:
         headers["Authorization"] = basic_authorization(credentials)
         params.append(("account", credentials.username))
     realm = key.realm
     try:
-        async with http.stream("GET", realm, params=params, headers=headers, timeout=timeout) as resp:
+        async with asyncio.timeout(timeout), http.stream("GET", realm, params=params, headers=headers) as resp:
             body = await read_capped(resp, MAX_TOKEN_BODY)
-    except httpx.TimeoutException:
-        raise RegistryError(504, UNAVAILABLE, f"the upstream token endpoint {realm} timed out") from None
+    except (httpx.TimeoutException, TimeoutError):
+        raise RegistryError(
+            504, UNAVAILABLE, f"the upstream token endpoint {realm} did not answer within {timeout:g} s", retryable=True
+        ) from None
     except httpx.HTTPError as exc:
         raise RegistryError(
-            502, UNAVAILABLE, f"the upstream token endpoint {realm} is unreachable: {type(exc).__name__}"
+            502,
+            UNAVAILABLE,
+            f"the upstream token endpoint {realm} is unreachable: {type(exc).__name__}",
+            retryable=isinstance(exc, httpx.TransportError),
         ) from None
     if body is None:
         raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm} sent an oversized answer")

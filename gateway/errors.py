@@ -11,6 +11,7 @@ The tree is flat on purpose::
       .status                    HTTP status sent to the client
       .code                      NAME_INVALID, NAME_UNKNOWN, MANIFEST_UNKNOWN, ...
       .headers                   extra response headers (Allow, Retry-After, ...)
+      .retryable                 an unreachable or silent upstream: fail over, count it
 
 Lower-level failures (httpx exceptions, bad upstream answers) are turned into a
 RegistryError at exactly one boundary each: ``upstream.py`` for the network,
@@ -50,6 +51,8 @@ class RegistryError(Exception):
         message: str,
         detail: Any = None,
         headers: dict[str, str] | None = None,
+        *,
+        retryable: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,6 +60,9 @@ class RegistryError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers or {}
+        # The upstream could not be reached or did not answer in time: another upstream
+        # of the route may do better (failover), and the circuit breaker counts it.
+        self.retryable = retryable
 
     def __repr__(self) -> str:
         return f"RegistryError(status={self.status!r}, code={self.code!r}, message={self.message!r})"

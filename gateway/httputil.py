@@ -10,6 +10,7 @@ the upstream's realm) never reaches a client by accident.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -132,16 +133,35 @@ def split_links(values: Iterable[str]) -> list[str]:
 async def read_capped(resp: httpx.Response, limit: int, *, raw: bool = False) -> bytes | None:
     """The whole body, or None once it passes ``limit`` bytes (checked as it arrives).
 
-    ``raw`` keeps any Content-Encoding; otherwise the body is decoded, and the limit
-    applies to the decoded size, so a small compressed bomb is cut off too.
+    ``raw`` keeps any Content-Encoding. Otherwise gzip and deflate are decoded here, a
+    bounded step at a time, so the limit applies to the decoded size and a small
+    compressed bomb is cut off after ``limit`` bytes instead of being inflated whole
+    (httpx's own decoder inflates each chunk completely). Other encodings give None.
     """
     declared = resp.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
+    encoding = "" if raw else resp.headers.get("content-encoding", "").strip().lower()
+    decoder: zlib._Decompress | None = None
+    if encoding in ("gzip", "x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        decoder = zlib.decompressobj()
+    elif encoding not in ("", "identity"):
+        return None
     chunks: list[bytes] = []
-    size = 0
-    stream = resp.aiter_raw() if raw else resp.aiter_bytes()
-    async for chunk in stream:
+    size = received = 0
+    async for chunk in resp.aiter_raw():
+        received += len(chunk)
+        if received > limit:
+            return None
+        if decoder is not None:
+            try:
+                chunk = decoder.decompress(chunk, limit + 1 - size)
+            except zlib.error:
+                return None
+            if decoder.unconsumed_tail:
+                return None
         size += len(chunk)
         if size > limit:
             return None

@@ -87,6 +87,7 @@ class RequestRecord:
     status: int = 0
     bytes: int = 0
     redirect: str | None = None  # "followed" / "passed"
+    user: str | None = None  # who, when the gateway authenticates its clients
     error: str | None = None  # registry error code, or how a stream ended badly
     upstream_seconds: float | None = None
 

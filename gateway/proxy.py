@@ -18,15 +18,16 @@ and a HEAD not (docker docs, "Docker Hub pull usage"), and clients HEAD first.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from urllib.parse import parse_qsl, urlencode, urljoin
 
 import httpx
 
-from gateway import metrics
+from gateway import metrics, passthrough
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -42,6 +43,7 @@ from gateway.asgi import (
 )
 from gateway.errors import (
     UNAVAILABLE,
+    UNSUPPORTED,
     RegistryError,
     code_for_status,
     error_body,
@@ -71,6 +73,26 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BODY = 64 << 10
 # Tag list pages: distribution-spec allows any n; the cap only stops absurd values.
 MAX_PAGE_SIZE = 100_000
+# An error body gets this long to arrive; then the gateway answers with its own message.
+ERROR_BODY_SECONDS = 10.0
+# Real clients send a few hundred bytes of headers. These caps keep oversized values
+# (an Accept of 100 KB, a cookie jar) from being forwarded or parsed at all.
+MAX_HEADER_VALUE = 8 << 10
+MAX_HEADERS_TOTAL = 32 << 10
+
+
+def check_request_headers(scope: Scope) -> None:
+    total = 0
+    for key, value in scope["headers"]:
+        size = len(key) + len(value)
+        total += size
+        if len(value) > MAX_HEADER_VALUE or total > MAX_HEADERS_TOTAL:
+            raise RegistryError(
+                431,
+                UNSUPPORTED,
+                f"request headers too large (at most {MAX_HEADER_VALUE} bytes per header, {MAX_HEADERS_TOTAL} in all)",
+            )
+
 
 _STREAM_ERRORS = (httpx.HTTPError,)
 
@@ -140,40 +162,85 @@ class Gateway:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         method = scope["method"]
+        check_request_headers(scope)
         check_raw_path(scope.get("raw_path") or scope["path"].encode())
         api = parse_api_path(scope["path"])
         record.kind = api.kind.value
         if api.kind is Kind.PING:
             if method not in ("GET", "HEAD"):
                 raise unsupported_method(method)
-            await send_json(send, 200, {}, [API_VERSION_HEADER], head=method == "HEAD")
+            await self._ping(scope, send, record)
             return
         if method not in ("GET", "HEAD") or api.kind is Kind.UPLOAD:
             raise unsupported_method(method)
         check_reference(api)
         query, ns = upstream_query(api.kind, scope.get("query_string", b""))
         target = self.table.resolve(header_value(scope, b"host"), api.name, ns)
-        record.route = target.route.name
-        record.upstream = target.route.upstream.url
+        route = target.route
+        record.route = route.name
         record.repository = target.upstream_name
-        client = self.clients[target.route.name]
-        follow = not (api.kind is Kind.BLOB and target.route.blob_redirect == "pass")
+        client_authorization = None
+        if route.auth == "passthrough":
+            client_authorization = header_value(scope, b"authorization")
+            if client_authorization is None:
+                raise passthrough.unauthorized(scope, route, target.client_path_name)
+        client = self.clients[route.name]
+        follow = not (api.kind is Kind.BLOB and route.blob_redirect == "pass")
         started = time.perf_counter()
-        opened = await client.open(
-            method,
-            f"/v2/{target.upstream_name}/{api.tail()}",
-            query=query,
-            headers=upstream_headers(scope),
-            repository=target.upstream_name,
-            follow_redirects=follow,
-        )
+        try:
+            # Until the response headers: tokens, redirects and failover included.
+            async with asyncio.timeout(client.timeouts.manifest):
+                opened = await client.open(
+                    method,
+                    f"/v2/{target.upstream_name}/{api.tail()}",
+                    query=query,
+                    headers=upstream_headers(scope),
+                    repository=target.upstream_name,
+                    follow_redirects=follow,
+                    client_authorization=client_authorization,
+                )
+        except TimeoutError:
+            metrics.upstream_error(route.name, "timeout")
+            raise RegistryError(
+                504, UNAVAILABLE, f"upstream {route.name} did not answer within {client.timeouts.manifest:g} s"
+            ) from None
+        record.upstream = opened.upstream.url
         record.upstream_seconds = round(time.perf_counter() - started, 6)
         if opened.redirects:
             record.redirect = "followed"
         try:
-            await self._answer(scope, receive, send, record, api, target, opened)
+            if route.auth == "passthrough" and opened.response.status_code == 401:
+                # The upstream refused the client's token: the client must log in again, at our realm.
+                challenge = passthrough.challenge_header(scope, route, target.client_path_name)
+                await self._relay_error(
+                    send, record, api, target, opened.response, head=method == "HEAD", extra=[challenge]
+                )
+            else:
+                await self._answer(scope, receive, send, record, api, target, opened)
         finally:
             await opened.response.aclose()
+
+    async def _ping(self, scope: Scope, send: Send, record: RequestRecord) -> None:
+        """``/v2/``: 200, unless the host's route passes logins through and the client has none (yet)."""
+        head = scope["method"] == "HEAD"
+        route = self.table.route_for_host(header_value(scope, b"host")) or self.table.default
+        if route is None or route.auth != "passthrough":
+            await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
+            return
+        record.route = route.name
+        authorization = header_value(scope, b"authorization")
+        if authorization is None:
+            raise passthrough.unauthorized(scope, route, None)
+        # Check the client's token where it is valid: Docker's login ends with this request.
+        client = self.clients[route.name]
+        async with asyncio.timeout(client.timeouts.manifest):
+            opened = await client.open(
+                "GET", "/v2/", headers={"accept": "application/json"}, repository="", client_authorization=authorization
+            )
+        await opened.response.aclose()
+        if opened.response.status_code == 401:
+            raise passthrough.unauthorized(scope, route, None)
+        await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
 
     async def _answer(
         self,
@@ -251,7 +318,13 @@ class Gateway:
 
     async def _relay_manifest(self, send: Send, record: RequestRecord, target: Target, resp: httpx.Response) -> None:
         try:
-            body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
+            async with asyncio.timeout(self.clients[target.route.name].timeouts.manifest):
+                body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
+        except TimeoutError:
+            metrics.upstream_error(target.route.name, "timeout")
+            raise RegistryError(
+                504, UNAVAILABLE, f"upstream {target.route.name} was too slow sending a manifest"
+            ) from None
         except httpx.HTTPError as exc:
             raise RegistryError(
                 502, UNAVAILABLE, f"upstream {target.route.name} broke while sending a manifest: {type(exc).__name__}"
@@ -279,6 +352,7 @@ class Gateway:
         resp: httpx.Response,
         *,
         head: bool,
+        extra: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """Upstream errors keep their status; a registry JSON body passes as is, anything else is wrapped."""
         status = resp.status_code
@@ -287,13 +361,14 @@ class Gateway:
         body: bytes | None = None
         if not head:
             try:
-                body = await read_capped(resp, MAX_ERROR_BODY)
-            except httpx.HTTPError:
+                async with asyncio.timeout(ERROR_BODY_SECONDS):
+                    body = await read_capped(resp, MAX_ERROR_BODY)
+            except (httpx.HTTPError, TimeoutError):
                 body = None
         headers: Headers = [(k, v) for k, v in response_headers(resp.headers, ERROR_RESPONSE_HEADERS)]
         if status == 416 and "content-range" in resp.headers:
             headers.append((b"content-range", resp.headers["content-range"].encode()))
-        headers.extend([API_VERSION_HEADER, JSON_CONTENT_TYPE])
+        headers.extend([API_VERSION_HEADER, JSON_CONTENT_TYPE, *extra])
         if body is None or not is_registry_error_body(body):
             code = code_for_status(status, api.kind.value)
             body = error_body(code, f"upstream {target.route.name} answered {status} {resp.reason_phrase}".strip())

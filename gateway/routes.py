@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.errors import NAME_INVALID, NAME_UNKNOWN, RegistryError
+from gateway.errors import DENIED, NAME_INVALID, NAME_UNKNOWN, RegistryError
 from gateway.reference import NAME_MAX_LENGTH, check_name
 
 
@@ -67,15 +67,68 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class RepositoryPolicy:
+    """Per-route allow and deny lists of repository patterns.
+
+    ``*`` matches within one path component, ``**`` across components: ``library/*``
+    is every official image, ``myorg/**`` everything under myorg. A denied name is
+    refused; when an allow list exists, a name must match it. Deny wins.
+    """
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    _allow_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    _deny_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, allow: Sequence[str], deny: Sequence[str]) -> RepositoryPolicy:
+        return cls(tuple(allow), tuple(deny), _compile_patterns(allow), _compile_patterns(deny))
+
+    def permits(self, name: str) -> bool:
+        if self._deny_re is not None and self._deny_re.match(name):
+            return False
+        return self._allow_re is None or self._allow_re.match(name) is not None
+
+
+_PATTERN_RE = re.compile(r"[a-z0-9._*/-]+\Z")
+
+
+def _compile_patterns(patterns: Sequence[str]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    parts = []
+    for pattern in patterns:
+        if not _PATTERN_RE.match(pattern) or "***" in pattern:
+            raise ValueError(f"{pattern!r} is not a repository pattern (lowercase names, '*' and '**')")
+        regex = ""
+        for i, piece in enumerate(pattern.split("**")):
+            if i:
+                regex += ".*"
+            regex += "[^/]*".join(re.escape(p) for p in piece.split("*"))
+        parts.append(f"(?:{regex})")
+    return re.compile("(?:" + "|".join(parts) + r")\Z")
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
-    upstream: Upstream
+    upstreams: tuple[Upstream, ...]
     hosts: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     default: bool = False
     library: bool = False
     credentials: Credentials | None = None
+    # The one upstream (origin) the credentials belong to; they never go anywhere else.
+    credentials_origin: tuple[str, str, int] | None = None
     blob_redirect: Literal["follow", "pass"] = "follow"
+    auth: Literal["gateway", "passthrough"] = "gateway"
+    allow_private_addresses: bool = False
+    policy: RepositoryPolicy = field(default_factory=RepositoryPolicy)
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first (preferred) upstream."""
+        return self.upstreams[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +156,7 @@ class _RouteModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
-    upstream: str
+    upstream: str | list[str]
     hosts: list[str] = []
     prefixes: list[str] = []
     default: bool = False
@@ -112,7 +165,12 @@ class _RouteModel(BaseModel):
     username_env: str | None = None
     password_env: str | None = None
     password_file: str | None = None
+    credentials_upstream: str | None = None
     blob_redirect: Literal["follow", "pass"] = "follow"
+    auth: Literal["gateway", "passthrough"] = "gateway"
+    allow_private_addresses: bool = False
+    allow: list[str] = []
+    deny: list[str] = []
 
 
 class _FileModel(BaseModel):
@@ -203,14 +261,51 @@ def _credentials(model: _RouteModel, environ: Mapping[str, str]) -> Credentials 
     return Credentials(username=username, password=password)
 
 
+def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
+    urls = [model.upstream] if isinstance(model.upstream, str) else model.upstream
+    if not urls:
+        raise ValueError("upstream: the list is empty")
+    try:
+        upstreams = tuple(_parse_upstream(url) for url in urls)
+    except ValueError as exc:
+        raise ValueError(f"upstream: {exc}") from None
+    if len({u.origin for u in upstreams}) != len(upstreams):
+        raise ValueError("upstream: the same upstream is listed twice")
+    return upstreams
+
+
+def _credentials_origin(
+    model: _RouteModel, upstreams: tuple[Upstream, ...], credentials: Credentials | None
+) -> tuple[str, str, int] | None:
+    if model.credentials_upstream is not None:
+        try:
+            wanted = _parse_upstream(model.credentials_upstream).origin
+        except ValueError as exc:
+            raise ValueError(f"credentials_upstream: {exc}") from None
+        if wanted not in {u.origin for u in upstreams}:
+            raise ValueError("credentials_upstream: not one of this route's upstreams")
+        return wanted
+    if credentials is None:
+        return None
+    if len(upstreams) > 1:
+        # Sending one registry's credentials to a mirror of it would leak them: say which.
+        raise ValueError("credentials_upstream: required when a route with credentials lists several upstreams")
+    return upstreams[0].origin
+
+
 def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
     name = model.name.lower()
     if not _REGISTRY_NAME_RE.match(name):
         raise ValueError(f"name: {model.name!r} is not a registry host name such as 'ghcr.io'")
+    upstreams = _upstreams(model)
+    credentials = _credentials(model, environ)
+    credentials_origin = _credentials_origin(model, upstreams, credentials)
+    if model.auth == "passthrough" and credentials is not None:
+        raise ValueError("auth: a passthrough route forwards its clients' logins and takes no credentials")
     try:
-        upstream = _parse_upstream(model.upstream)
+        policy = RepositoryPolicy.build(model.allow, model.deny)
     except ValueError as exc:
-        raise ValueError(f"upstream: {exc}") from None
+        raise ValueError(f"allow/deny: {exc}") from None
     prefixes: list[str] = [name]
     for prefix in model.prefixes:
         prefix = prefix.strip().strip("/").lower()
@@ -224,13 +319,17 @@ def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
         raise ValueError(f"hosts: {exc}") from None
     return Route(
         name=name,
-        upstream=upstream,
+        upstreams=upstreams,
         hosts=hosts,
         prefixes=tuple(prefixes),
         default=model.default,
         library=model.library,
-        credentials=_credentials(model, environ),
+        credentials=credentials,
+        credentials_origin=credentials_origin,
         blob_redirect=model.blob_redirect,
+        auth=model.auth,
+        allow_private_addresses=model.allow_private_addresses,
+        policy=policy,
     )
 
 
@@ -329,6 +428,14 @@ class RouteTable:
     def by_name(self, name: str) -> Route | None:
         return self._prefixes.get(name.lower())
 
+    @staticmethod
+    def strip_prefix(route: Route, name: str) -> tuple[str, str]:
+        """(prefix with its slash, rest) when ``name`` starts with one of the route's names."""
+        first, sep, rest = name.partition("/")
+        if sep and rest and first in route.prefixes:
+            return first + "/", rest
+        return "", name
+
     def route_for_host(self, host: str | None) -> Route | None:
         if not host:
             return None
@@ -386,6 +493,11 @@ class RouteTable:
                     "no route matches this host or path, and no route is the default",
                     detail={"registries": [r.name for r in self.routes]},
                 )
+        return self.target_in(route, name, prefix)
+
+    @staticmethod
+    def target_in(route: Route, name: str, prefix: str = "") -> Target:
+        """The Target for ``name`` (prefix already removed) on a known route."""
         check_name(name)
         upstream_name = name
         if route.library and "/" not in name:
@@ -393,4 +505,11 @@ class RouteTable:
             upstream_name = "library/" + name
         if len(upstream_name) > NAME_MAX_LENGTH:
             raise RegistryError(400, NAME_INVALID, f"repository name is longer than {NAME_MAX_LENGTH} characters")
+        if not route.policy.permits(upstream_name):
+            raise RegistryError(
+                403,
+                DENIED,
+                f"the gateway's policy refuses {upstream_name!r} on {route.name}",
+                detail={"route": route.name, "repository": upstream_name},
+            )
         return Target(route=route, upstream_name=upstream_name, client_name=name, prefix=prefix)

@@ -33,25 +33,46 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=300.0, ge=0)
 
     # Upstream patience, in seconds.
-    connect_timeout: float = Field(default=10.0, gt=0)
-    read_timeout: float = Field(default=300.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)  # to open one connection
+    token_timeout: float = Field(default=30.0, gt=0)  # a whole token request
+    # A whole manifest, tags or referrers answer; for blobs, the time until the headers.
+    manifest_timeout: float = Field(default=60.0, gt=0)
+    # The longest silence while a blob streams; not a limit on the whole transfer.
+    blob_idle_timeout: float = Field(default=300.0, gt=0)
     write_timeout: float = Field(default=60.0, gt=0)
     pool_timeout: float = Field(default=30.0, gt=0)
-    token_timeout: float = Field(default=30.0, gt=0)
     max_redirects: int = Field(default=5, ge=0, le=20)
+
+    # A route's upstream that fails this many times in a row (connection error, timeout,
+    # 5xx) is skipped for breaker_cooldown seconds, then tried again.
+    breaker_failures: int = Field(default=3, ge=1)
+    breaker_cooldown: float = Field(default=30.0, ge=0)
+
+    # Who may use the gateway (off unless set): an htpasswd file (bcrypt entries) and/or a
+    # file of static bearer tokens, one per line.
+    htpasswd: Path | None = None
+    auth_tokens_file: Path | None = None
+    # Requests per second per client IP (0: no limit), and the burst allowed above it.
+    rate_limit: float = Field(default=0.0, ge=0)
+    rate_burst: int = Field(default=200, ge=1)
 
     # Upstream connection pool, per route.
     max_connections: int = Field(default=512, ge=1)
     max_keepalive_connections: int = Field(default=128, ge=0)
     keepalive_expiry: float = Field(default=60.0, ge=0)
 
+    @property
+    def client_auth_enabled(self) -> bool:
+        return self.htpasswd is not None or self.auth_tokens_file is not None
+
     def timeouts(self) -> Timeouts:
         return Timeouts(
             connect=self.connect_timeout,
-            read=self.read_timeout,
+            token=self.token_timeout,
+            manifest=self.manifest_timeout,
+            blob_idle=self.blob_idle_timeout,
             write=self.write_timeout,
             pool=self.pool_timeout,
-            token=self.token_timeout,
         )
 
     def pool_limits(self) -> PoolLimits:

@@ -1,30 +1,39 @@
-"""One upstream registry: its connection pool, its auth, its redirects.
+"""One route's upstreams: connection pool, auth, redirects, failover.
 
 ``UpstreamClient.open`` sends one client request upstream and returns the final
 response, still streaming. Redirects are followed here, one hop at a time, and not
-by httpx, because auth must be decided per hop (research: httpx runs its auth flow
-around the whole redirect chain, so a Bearer auth that meets a 401 at a redirect
-target would resend the first URL forever):
+by httpx, because auth must be decided per hop (httpx runs its auth flow around the
+whole redirect chain, so a Bearer auth that meets a 401 at a redirect target would
+resend the first URL forever):
 
 - ``Authorization`` goes only to the origin that asked for it: the upstream itself,
   or a redirect target that challenges on its own (registry.k8s.io redirects
   manifests to Artifact Registry, which has its own token realm). A CDN that never
   challenges never sees it; S3-style signed URLs even answer 400 when it is sent.
-- The route's credentials are used only for challenges from the upstream's own
-  origin; a redirect target's challenge is answered anonymously.
+- The route's credentials are used only for challenges from the one upstream they
+  belong to; a redirect target's challenge is answered anonymously.
+- Token realms and redirect targets must pass the route's address policy
+  (``policy.py``) before anything is sent to them.
 - ``Range`` and ``If-Range`` ride along on every hop, so resumed pulls resume.
+
+A route may list several upstreams: on a connection error, a timeout or a 502/503/504
+the next one is tried (nothing has reached the client yet: ``open`` returns before the
+body is read), and an upstream that keeps failing is skipped for a while (``Breaker``).
 
 Every httpx exception becomes a RegistryError here and nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.cookiejar
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
+import httpcore
 import httpx
 
 from gateway import __version__, metrics
@@ -32,9 +41,13 @@ from gateway.auth import Token, TokenCache, TokenKey, basic_authorization, fetch
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import UNAVAILABLE, RegistryError
 from gateway.httputil import REDIRECT_STATUSES, origin_of
-from gateway.routes import Credentials, Route
+from gateway.netguard import REFUSED, GuardedBackend
+from gateway.policy import TargetRefused, check_target
+from gateway.routes import Credentials, Route, Upstream
 
 _REPO_IN_PATH_RE = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
+# 500 may be one broken repository; these say the upstream itself is in trouble.
+_FAILOVER_STATUSES = frozenset({502, 503, 504})
 
 
 class _NoCookies(http.cookiejar.CookiePolicy):
@@ -59,14 +72,19 @@ class _NoCookies(http.cookiejar.CookiePolicy):
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """Upstream patience, in seconds (see Settings for what each one bounds)."""
+
     connect: float = 10.0
-    read: float = 300.0
+    token: float = 30.0
+    manifest: float = 60.0
+    blob_idle: float = 300.0
     write: float = 60.0
     pool: float = 30.0
-    token: float = 30.0
 
     def httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(connect=self.connect, read=self.read, write=self.write, pool=self.pool)
+        # httpx's read timeout is per read: exactly the blob idle timeout. Whole-answer
+        # deadlines (token, manifest) are enforced around the calls with asyncio.timeout.
+        return httpx.Timeout(connect=self.connect, read=self.blob_idle, write=self.write, pool=self.pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +94,43 @@ class PoolLimits:
     keepalive_expiry: float = 60.0
 
 
-def new_http_client(
-    timeouts: Timeouts, limits: PoolLimits, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=timeouts.httpx(),
-        limits=httpx.Limits(
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with the address guard as its network backend.
+
+    httpx does not expose httpcore's ``network_backend``; the pool is rebuilt with the
+    same settings plus the guard.
+    """
+
+    def __init__(self, backend: GuardedBackend, limits: httpx.Limits) -> None:
+        super().__init__(limits=limits)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=True),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-        ),
+            network_backend=backend,
+        )
+
+
+def new_http_client(
+    timeouts: Timeouts,
+    limits: PoolLimits,
+    transport: httpx.AsyncBaseTransport | None = None,
+    *,
+    route: Route | None = None,
+) -> httpx.AsyncClient:
+    httpx_limits = httpx.Limits(
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+    )
+    if transport is None and route is not None:
+        trusted = [(u.host, u.port) for u in route.upstreams]
+        transport = _GuardedTransport(GuardedBackend(trusted, route.allow_private_addresses), httpx_limits)
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=timeouts.httpx(),
+        limits=httpx_limits,
         follow_redirects=False,
         headers={"user-agent": f"registry-gateway/{__version__}"},
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
@@ -102,6 +146,7 @@ class Opened:
 
     response: httpx.Response
     url: str
+    upstream: Upstream
     redirects: int = 0
 
 
@@ -110,8 +155,40 @@ def repository_in_path(path: str) -> str | None:
     return match.group(1) if match else None
 
 
+class Breaker:
+    """Consecutive failures per upstream; after ``threshold`` the upstream rests ``cooldown`` s.
+
+    After the rest it is tried again (half-open): one success closes it, one more failure
+    sends it back to rest. The clock is injectable for tests.
+    """
+
+    def __init__(self, threshold: int = 3, cooldown: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+
+    def available(self, key: str) -> bool:
+        return self._clock() >= self._open_until.get(key, 0.0)
+
+    def retry_after(self, keys: list[str]) -> float:
+        now = self._clock()
+        return max(0.0, min(self._open_until.get(k, 0.0) for k in keys) - now)
+
+    def success(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._open_until.pop(key, None)
+
+    def failure(self, key: str) -> None:
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        if count >= self.threshold:
+            self._open_until[key] = self._clock() + self.cooldown
+
+
 class UpstreamClient:
-    """Requests to one route's upstream, with its token auth and redirect policy."""
+    """Requests to one route's upstreams, with its token auth, redirect and failover policy."""
 
     def __init__(
         self,
@@ -121,20 +198,45 @@ class UpstreamClient:
         *,
         timeouts: Timeouts,
         max_redirects: int = 5,
+        breaker: Breaker | None = None,
     ) -> None:
         self.route = route
         self.http = http
         self.tokens = tokens
         self.timeouts = timeouts
         self.max_redirects = max_redirects
-        self._origin = route.upstream.origin
+        self.breaker = breaker or Breaker()
+        self._trusted_origins = {u.origin for u in route.upstreams}
         # The last challenge each origin sent: lets later requests attach a token up
         # front instead of paying a 401 round trip every time.
         self._challenges: dict[tuple[str, str, int], Challenge] = {}
-        self._token_timeout = httpx.Timeout(timeouts.token, connect=timeouts.connect)
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    async def upstream_challenge(self) -> Challenge:
+        """The Bearer challenge of the route's first upstream (asked with ``GET /v2/``, then remembered).
+
+        Passthrough routes need it to relay a client's token request to the right realm.
+        """
+        upstream = self.route.upstream
+        known = self._challenges.get(upstream.origin)
+        if known is None or known.scheme != "bearer":
+            async with asyncio.timeout(self.timeouts.manifest):
+                resp = await self._send("GET", upstream.url + "/v2/", {"accept": "application/json"}, None)
+                await resp.aclose()
+            challenge = pick_challenge(parse_challenges(resp.headers.get_list("www-authenticate")))
+            if challenge is None or challenge.scheme != "bearer" or challenge.realm is None:
+                raise RegistryError(
+                    502,
+                    UNAVAILABLE,
+                    f"upstream {self.route.name} does not use token auth, so logins cannot be passed through",
+                )
+            known = Challenge(challenge.scheme, {k: v for k, v in challenge.params.items() if k != "scope"})
+            self._challenges[upstream.origin] = known
+        assert known.realm is not None
+        self._check_target(known.realm, "sent its token realm")
+        return known
 
     async def open(
         self,
@@ -145,34 +247,101 @@ class UpstreamClient:
         headers: Mapping[str, str],
         repository: str,
         follow_redirects: bool = True,
+        client_authorization: str | None = None,
     ) -> Opened:
-        """Send a request to ``path`` on the upstream; the caller must close ``.response``.
+        """Send a request to ``path`` on the first upstream that answers; the caller closes ``.response``.
 
-        ``headers`` must have lowercase names.
+        ``headers`` must have lowercase names. ``client_authorization`` is the client's own
+        Authorization header, forwarded (to the upstream's origin only) on passthrough routes.
         """
-        url = self.route.upstream.url + path + (f"?{query}" if query else "")
+        upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url)]
+        if not upstreams:
+            wait = self.breaker.retry_after([u.url for u in self.route.upstreams])
+            raise RegistryError(
+                503,
+                UNAVAILABLE,
+                f"every upstream of {self.route.name} is failing; the gateway retries them in {wait:.0f} s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        failure: RegistryError | None = None
+        for index, upstream in enumerate(upstreams):
+            last = index == len(upstreams) - 1
+            try:
+                opened = await self._open_on(
+                    upstream, method, path, query, headers, repository, follow_redirects, client_authorization
+                )
+            except RegistryError as exc:
+                if not exc.retryable:
+                    raise
+                self.breaker.failure(upstream.url)
+                failure = exc
+                continue
+            if opened.response.status_code in _FAILOVER_STATUSES:
+                self.breaker.failure(upstream.url)
+                if not last:
+                    await opened.response.aclose()
+                    continue
+            else:
+                self.breaker.success(upstream.url)
+            return opened
+        assert failure is not None
+        raise failure
+
+    async def _open_on(
+        self,
+        upstream: Upstream,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        repository: str,
+        follow_redirects: bool,
+        client_authorization: str | None,
+    ) -> Opened:
+        url = upstream.url + path + (f"?{query}" if query else "")
         for hop in range(self.max_redirects + 1):
-            resp = await self._send_authorized(method, url, headers, repository)
+            resp = await self._send_authorized(method, url, headers, repository, client_authorization)
             location = resp.headers.get("location")
             if not (follow_redirects and resp.status_code in REDIRECT_STATUSES and location):
-                return Opened(response=resp, url=url, redirects=hop)
+                return Opened(response=resp, url=url, upstream=upstream, redirects=hop)
             await resp.aclose()
             url = urljoin(url, location)
-            if not url.startswith(("https://", "http://")):
-                raise RegistryError(502, UNAVAILABLE, f"upstream {self.route.name} redirected to a non-HTTP URL")
+            self._check_target(url, "redirected")
         metrics.upstream_error(self.route.name, "redirects")
         raise RegistryError(
             502, UNAVAILABLE, f"upstream {self.route.name} redirected more than {self.max_redirects} times"
         )
 
+    def _check_target(self, url: str, what: str) -> None:
+        try:
+            check_target(
+                url,
+                upstream_scheme=self.route.upstream.scheme,
+                trusted_origins=self._trusted_origins,
+                allow_private=self.route.allow_private_addresses,
+            )
+        except TargetRefused as exc:
+            metrics.upstream_error(self.route.name, "policy")
+            raise RegistryError(
+                502, UNAVAILABLE, f"upstream {self.route.name} {what} to a refused address: {exc}"
+            ) from None
+
     async def _send_authorized(
-        self, method: str, url: str, headers: Mapping[str, str], repository: str
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        repository: str,
+        client_authorization: str | None,
     ) -> httpx.Response:
         """One hop: attach what this origin is known to want, answer one 401 challenge."""
         origin = origin_of(url)
-        own = origin == self._origin
-        credentials = self.route.credentials if own else None
-        hop_repository = repository if own else (repository_in_path(httpx.URL(url).path) or repository)
+        if self.route.auth == "passthrough" and origin in self._trusted_origins:
+            # The client's own login, to the upstream that issued its token, and nowhere else.
+            return await self._send(method, url, headers, client_authorization)
+        credentials = self.route.credentials if origin == self.route.credentials_origin else None
+        hop_repository = repository if origin in self._trusted_origins else repository_in_path(httpx.URL(url).path)
+        hop_repository = hop_repository or repository
         authorization: str | None = None
         known = self._challenges.get(origin)
         if known is not None:
@@ -207,6 +376,7 @@ class UpstreamClient:
         realm = challenge.realm
         if realm is None:
             return None
+        self._check_target(realm, "sent its token realm")
         scope = challenge.scope or f"repository:{repository}:pull"
         key = TokenKey(
             realm=realm,
@@ -219,7 +389,7 @@ class UpstreamClient:
 
         async def fetch() -> Token:
             try:
-                return await fetch_token(self.http, key, credentials, timeout=self._token_timeout)
+                return await fetch_token(self.http, key, credentials, timeout=self.timeouts.token)
             except RegistryError:
                 metrics.upstream_error(self.route.name, "token")
                 raise
@@ -236,17 +406,27 @@ class UpstreamClient:
             del request.headers["accept"]
         if authorization is not None:
             request.headers["authorization"] = authorization
+        host = httpx.URL(url).host
         try:
             return await self.http.send(request, stream=True)
         except httpx.TimeoutException:
             metrics.upstream_error(self.route.name, "timeout")
             raise RegistryError(
-                504, UNAVAILABLE, f"upstream {self.route.name} timed out ({httpx.URL(url).host})"
+                504, UNAVAILABLE, f"upstream {self.route.name} timed out ({host})", retryable=True
+            ) from None
+        except httpx.ConnectError as exc:
+            if REFUSED in str(exc):
+                metrics.upstream_error(self.route.name, "policy")
+                raise RegistryError(502, UNAVAILABLE, f"upstream {self.route.name}: {exc}") from None
+            metrics.upstream_error(self.route.name, "connect")
+            raise RegistryError(
+                502, UNAVAILABLE, f"upstream {self.route.name} is unreachable ({host})", retryable=True
             ) from None
         except httpx.HTTPError as exc:
-            metrics.upstream_error(self.route.name, "connect" if isinstance(exc, httpx.ConnectError) else "protocol")
+            metrics.upstream_error(self.route.name, "protocol")
             raise RegistryError(
                 502,
                 UNAVAILABLE,
-                f"upstream {self.route.name} is unreachable ({httpx.URL(url).host}): {type(exc).__name__}",
+                f"upstream {self.route.name} broke the exchange ({host}): {type(exc).__name__}",
+                retryable=True,
             ) from None

@@ -19,6 +19,7 @@ def gateway_routes(testbed: Testbed) -> str:
 [[route]]
 name = "docker.io"
 upstream = "{testbed.hub.url}"
+allow_private_addresses = true  # the bed lives on 127.0.0.1
 hosts = ["docker.*"]
 default = true
 library = true
@@ -26,6 +27,7 @@ library = true
 [[route]]
 name = "ghcr.io"
 upstream = "{testbed.ghcr.url}"
+allow_private_addresses = true
 hosts = ["ghcr.*"]
 username_env = "E2E_GHCR_USER"
 password_env = "E2E_GHCR_PASS"
@@ -33,18 +35,21 @@ password_env = "E2E_GHCR_PASS"
 [[route]]
 name = "quay.io"
 upstream = "{testbed.quay.url}"
+allow_private_addresses = true
 hosts = ["quay.*"]
 
 # The ghcr-like registry again, without credentials: private images stay private.
 [[route]]
 name = "anon-ghcr.test"
 upstream = "{testbed.ghcr.url}"
+allow_private_addresses = true
 hosts = ["anon.*"]
 
 # Docker-Hub-like, but handing blob redirects to the client.
 [[route]]
 name = "pass-hub.test"
 upstream = "{testbed.hub.url}"
+allow_private_addresses = true  # the bed lives on 127.0.0.1
 hosts = ["pass.*"]
 library = true
 blob_redirect = "pass"

@@ -185,7 +185,7 @@ async def test_fetch_token_sends_service_scopes_and_basic_credentials():
     seen: list[httpx.Request] = []
     key = TokenKey("https://auth.example/token", "svc", ("repository:a:pull", "repository:b:pull"), "user:bob")
     async with _token_server(seen=seen) as http:
-        token = await fetch_token(http, key, Credentials("bob", "pw"), timeout=httpx.Timeout(5))
+        token = await fetch_token(http, key, Credentials("bob", "pw"), timeout=5)
     assert token.value == "abc"
     assert token.lifetime == 120
     request = seen[0]
@@ -209,7 +209,7 @@ async def test_fetch_token_sends_service_scopes_and_basic_credentials():
 async def test_fetch_token_failures(status, body, credentials, expected_status, code):
     async with _token_server(status, body, headers={"retry-after": "30"}) as http:
         with pytest.raises(RegistryError) as info:
-            await fetch_token(http, KEY, credentials, timeout=httpx.Timeout(5))
+            await fetch_token(http, KEY, credentials, timeout=5)
     assert (info.value.status, info.value.code) == (expected_status, code)
     if status == 429:
         assert info.value.headers == {"retry-after": "30"}
@@ -226,7 +226,7 @@ async def test_fetch_token_unreachable_and_timeout():
     for handler, status in ((refuse, 502), (slow, 504)):
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
             with pytest.raises(RegistryError) as info:
-                await fetch_token(http, KEY, None, timeout=httpx.Timeout(5))
+                await fetch_token(http, KEY, None, timeout=5)
         assert info.value.status == status
         assert KEY.realm in info.value.message
 

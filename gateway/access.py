@@ -1,0 +1,174 @@
+"""Who may use the gateway, and how fast: client authentication and a per-IP rate limit.
+
+Both are off unless configured, and both apply only to the registry API (``/v2/``)
+and the token relay; health and metrics stay open for probes and scrapers.
+
+Authentication accepts either
+- HTTP Basic checked against an htpasswd file of bcrypt entries (``htpasswd -B``),
+  which is what ``docker login``, ``podman login`` and containerd's credentials send
+  after a ``Basic`` challenge; or
+- a static bearer token from a file (one per line), for scripts and CI.
+
+bcrypt is slow on purpose (tens of milliseconds); a successful check is remembered
+for a few minutes by a hash of the header, and checks run in a thread so one login
+never stalls the event loop.
+
+The rate limit is a token bucket per client address (the real client behind a
+trusted proxy, see ``forwarded.py``): ``rate`` requests per second on average, up to
+``burst`` at once. It is per worker process; with N workers the effective limit is
+up to N times higher, which the docs say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import bcrypt
+
+from gateway.asgi import API_VERSION_HEADER, JSON_CONTENT_TYPE, ASGIApp, Receive, Scope, Send, header_value, send_body
+from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, error_body
+from gateway.log import record_of
+from gateway.passthrough import TOKEN_PATH
+from gateway.routes import ConfigError
+
+REALM = "registry-gateway"
+_CACHE_SECONDS = 300.0
+_CACHE_ENTRIES = 10_000
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+class ClientAuth:
+    """Credentials the gateway accepts from its own clients."""
+
+    def __init__(self, htpasswd: Path | None, tokens_file: Path | None) -> None:
+        self.users: dict[str, bytes] = {}
+        self.tokens: list[bytes] = []
+        if htpasswd is not None:
+            for number, line in enumerate(_read_lines(htpasswd, "htpasswd file"), start=1):
+                user, sep, hashed = line.partition(":")
+                if not sep or not user or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+                    raise ConfigError(f"{htpasswd}: line {number}: not a 'user:bcrypt-hash' entry (use htpasswd -B)")
+                self.users[user] = hashed.encode()
+        if tokens_file is not None:
+            self.tokens = [t.encode() for t in _read_lines(tokens_file, "tokens file")]
+            if any(len(t) < 16 for t in self.tokens):
+                raise ConfigError(f"{tokens_file}: every token needs at least 16 characters")
+        if not self.users and not self.tokens:
+            raise ConfigError("client authentication is configured but lists no user and no token")
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+
+    async def authenticate(self, authorization: str | None) -> str | None:
+        """The client's identity, or None when the header does not prove one."""
+        if not authorization:
+            return None
+        scheme, _, credential = authorization.partition(" ")
+        scheme = scheme.lower()
+        credential = credential.strip()
+        if scheme == "bearer" and self.tokens:
+            given = credential.encode()
+            if any(hmac.compare_digest(given, token) for token in self.tokens):
+                return "token:" + hashlib.sha256(given).hexdigest()[:12]
+            return None
+        if scheme != "basic" or not self.users:
+            return None
+        try:
+            user, sep, password = base64.b64decode(credential, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        hashed = self.users.get(user)
+        if not sep or hashed is None:
+            return None
+        key = hashlib.sha256(authorization.encode()).digest()
+        now = time.monotonic()
+        expires = self._verified.get(key)
+        if expires is not None and expires > now:
+            return user
+        if not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed):
+            return None
+        self._verified[key] = now + _CACHE_SECONDS
+        if len(self._verified) > _CACHE_ENTRIES:
+            self._verified.popitem(last=False)
+        return user
+
+
+class RateLimiter:
+    """A token bucket per key; ``take`` says how long to wait (0: go ahead)."""
+
+    def __init__(
+        self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str) -> float:
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)  # the least recently seen client
+        return wait
+
+
+class AccessControl:
+    """ASGI middleware: rate limit first (cheap), then authentication."""
+
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter | None, auth: ClientAuth | None) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        guarded = scope["type"] == "http" and (path == "/v2" or path.startswith("/v2/") or path == TOKEN_PATH)
+        if not guarded:
+            await self.app(scope, receive, send)
+            return
+        head = scope["method"] == "HEAD"
+        if self.limiter is not None:
+            client = scope.get("client")
+            wait = self.limiter.take(client[0] if client else "-")
+            if wait > 0:
+                record_of(scope).error = TOOMANYREQUESTS
+                headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE, (b"retry-after", str(math.ceil(wait)).encode())]
+                body = error_body(TOOMANYREQUESTS, "too many requests from this address; slow down")
+                await send_body(send, 429, headers, body, head=head)
+                return
+        if self.auth is not None:
+            user = await self.auth.authenticate(header_value(scope, b"authorization"))
+            if user is None:
+                record_of(scope).error = UNAUTHORIZED
+                headers = [
+                    API_VERSION_HEADER,
+                    JSON_CONTENT_TYPE,
+                    (b"www-authenticate", f'Basic realm="{REALM}", charset="UTF-8"'.encode()),
+                ]
+                body = error_body(UNAUTHORIZED, "authentication required: log in to this gateway")
+                await send_body(send, 401, headers, body, head=head)
+                return
+            record_of(scope).user = user
+        await self.app(scope, receive, send)

@@ -1,0 +1,162 @@
+"""Logins passed through (``auth = "passthrough"``): the client's own upstream credentials.
+
+A user runs ``docker login ghcr.example.com`` with their ghcr.io credentials and pulls
+their private images through the gateway. The gateway never holds those credentials
+or the tokens they buy; it only translates names:
+
+1. Requests without a token (``/v2/`` included: Docker only logs in when the ping
+   challenges, moby/moby#50896) get the gateway's own challenge::
+
+       Bearer realm="https://ghcr.example.com/auth/token",service="ghcr.io",scope="repository:org/app:pull"
+
+   The realm is absolute and built from the request's scheme and host, which are
+   right behind a trusted proxy (``forwarded.py``).
+2. ``GET /auth/token`` is relayed to the upstream's own realm (learnt from its
+   challenge) with the client's Basic credentials, the upstream's ``service``, and each
+   scope rewritten into the upstream's namespace (prefix stripped, ``library/`` added,
+   actions reduced to ``pull``: the gateway is read-only). The answer is returned as
+   is and never cached, so a token bought with one client's credentials is never
+   served to another.
+3. The client's ``Authorization: Bearer`` is forwarded to the upstream's origin (only;
+   never to a CDN) on every request; an upstream 401 becomes the gateway's challenge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from urllib.parse import parse_qsl
+
+import httpx
+
+from gateway.asgi import API_VERSION_HEADER, JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body
+from gateway.errors import UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
+from gateway.httputil import read_capped
+from gateway.log import record_of
+from gateway.routes import Route, RouteTable
+from gateway.upstream import UpstreamClient
+
+TOKEN_PATH = "/auth/token"
+MAX_TOKEN_ANSWER = 1 << 20
+
+
+def realm_for(scope: Scope) -> str:
+    host = header_value(scope, b"host") or "localhost"
+    return f"{scope.get('scheme', 'http')}://{host}{TOKEN_PATH}"
+
+
+def challenge_header(scope: Scope, route: Route, repository: str | None) -> tuple[bytes, bytes]:
+    value = f'Bearer realm="{realm_for(scope)}",service="{route.name}"'
+    if repository:
+        value += f',scope="repository:{repository}:pull"'
+    return (b"www-authenticate", value.encode())
+
+
+def unauthorized(scope: Scope, route: Route, repository: str | None) -> RegistryError:
+    """A 401 carrying the gateway's challenge."""
+    name, value = challenge_header(scope, route, repository)
+    return RegistryError(
+        401,
+        UNAUTHORIZED,
+        f"authentication required: log in to this gateway with your {route.name} credentials",
+        headers={name.decode(): value.decode()},
+    )
+
+
+def rewrite_scope(table: RouteTable, route: Route, scope: str) -> str | None:
+    """``repository:<client name>:<actions>`` in the client's namespace -> the upstream's, pull only.
+
+    Other resource types (``registry:catalog:*``) are dropped: a mirror grants none.
+    """
+    kind, sep, rest = scope.partition(":")
+    name, sep2, _actions = rest.rpartition(":")
+    if kind != "repository" or not sep or not sep2 or not name:
+        return None
+    _, bare = table.strip_prefix(route, name)
+    target = table.target_in(route, bare)
+    return f"repository:{target.upstream_name}:pull"
+
+
+class TokenRelay:
+    """The gateway's token endpoint for passthrough routes."""
+
+    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient], *, timeout: float) -> None:
+        self.table = table
+        self.clients = clients
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        record = record_of(scope)
+        record.kind = "token"
+        try:
+            await self._handle(scope, send)
+        except RegistryError as exc:
+            record.error = exc.code
+            headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
+            headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
+            await send_body(send, exc.status, headers, exc.body())
+
+    async def _handle(self, scope: Scope, send: Send) -> None:
+        if scope["method"] != "GET":
+            raise RegistryError(405, UNSUPPORTED, "the token endpoint answers GET", headers={"Allow": "GET"})
+        params = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        route = self._route_for(scope, params)
+        record_of(scope).route = route.name
+        client = self.clients[route.name]
+        challenge = await client.upstream_challenge()
+        forward = self._upstream_params(route, challenge.service, params)
+        headers = {"accept": "application/json", "accept-encoding": "identity"}
+        authorization = header_value(scope, b"authorization")
+        if authorization is not None:
+            headers["authorization"] = authorization
+        assert challenge.realm is not None
+        try:
+            async with (
+                asyncio.timeout(self.timeout),
+                client.http.stream("GET", challenge.realm, params=forward, headers=headers) as resp,
+            ):
+                body = await read_capped(resp, MAX_TOKEN_ANSWER)
+        except (httpx.TimeoutException, TimeoutError):
+            raise RegistryError(504, UNAVAILABLE, f"the token endpoint of {route.name} timed out") from None
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                502, UNAVAILABLE, f"the token endpoint of {route.name} is unreachable: {type(exc).__name__}"
+            ) from None
+        if body is None:
+            raise RegistryError(502, UNAVAILABLE, f"the token endpoint of {route.name} sent an oversized answer")
+        if resp.status_code == 200:
+            await send_body(send, 200, [JSON_CONTENT_TYPE, (b"cache-control", b"no-store")], body)
+            return
+        if resp.status_code == 429:
+            retry = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+            raise RegistryError(
+                429, "TOOMANYREQUESTS", f"the token endpoint of {route.name} is rate limiting", headers=retry
+            )
+        if resp.status_code in (401, 403):
+            raise RegistryError(401, UNAUTHORIZED, f"{route.name} refused these credentials")
+        raise RegistryError(502, UNAVAILABLE, f"the token endpoint of {route.name} answered {resp.status_code}")
+
+    def _route_for(self, scope: Scope, params: list[tuple[str, str]]) -> Route:
+        # service is what the gateway's own challenge named: the route, whatever the Host.
+        service = next((v for k, v in params if k == "service"), "")
+        route = self.table.by_name(service) if service else None
+        route = route or self.table.route_for_host(header_value(scope, b"host"))
+        if route is None or route.auth != "passthrough":
+            raise RegistryError(404, UNSUPPORTED, f"no route passes logins through for service {service[:100]!r}")
+        return route
+
+    def _upstream_params(
+        self, route: Route, service: str | None, params: list[tuple[str, str]]
+    ) -> list[tuple[str, str | int | float | bool | None]]:
+        forward: list[tuple[str, str | int | float | bool | None]] = []
+        if service:
+            forward.append(("service", service))
+        for key, value in params:
+            if key == "scope":
+                for one in value.split(" "):
+                    rewritten = rewrite_scope(self.table, route, one)
+                    if rewritten is not None:
+                        forward.append(("scope", rewritten))
+            elif key in ("account", "offline_token", "client_id"):
+                forward.append((key, value[:256]))
+        return forward
