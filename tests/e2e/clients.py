@@ -22,7 +22,15 @@ from pathlib import Path
 
 from tests.testbed.images import Image
 
-GATEWAY_HOSTS = ["gw.test", "ghcr.gw.test", "quay.gw.test", "docker.gw.test", "anon.gw.test", "pass.gw.test"]
+GATEWAY_HOSTS = [
+    "gw.test",
+    "ghcr.gw.test",
+    "quay.gw.test",
+    "docker.gw.test",
+    "anon.gw.test",
+    "pass.gw.test",
+    "login.gw.test",
+]
 # A closed loopback port: containerd's and podman's fallback "server" and dockerd's proxy,
 # so that no client can ever reach the internet behind the gateway's back.
 CLOSED = "127.0.0.1:9"
@@ -184,8 +192,14 @@ class Dockerd:
     root: Path
     socket: Path
 
-    def docker(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return run(["docker", "-H", f"unix://{self.socket}", *args], timeout=timeout)
+    def docker(self, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        # The CLI's own config (logins) stays in the test's directory, not in ~/.docker.
+        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "cli-config")}
+        argv = ["docker", "-H", f"unix://{self.socket}", *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
+        if proc.returncode != 0:
+            raise AssertionError(f"docker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
 
     def repo_digests(self, ref: str) -> list[str]:
         out = self.docker("image", "inspect", ref, "--format", "{{json .RepoDigests}}").stdout

@@ -45,6 +45,14 @@ upstream = "{testbed.ghcr.url}"
 allow_private_addresses = true
 hosts = ["anon.*"]
 
+# The ghcr-like registry once more, passing the clients' own logins through.
+[[route]]
+name = "login-ghcr.test"
+upstream = "{testbed.ghcr.url}"
+hosts = ["login.*"]
+auth = "passthrough"
+allow_private_addresses = true
+
 # Docker-Hub-like, but handing blob redirects to the client.
 [[route]]
 name = "pass-hub.test"
@@ -92,7 +100,8 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory, hosts_file: Path, gateway:
     require("dockerd", "docker", "unshare")
     config = {
         "registry-mirrors": [gateway.url],
-        "insecure-registries": [f"127.0.0.1:{gateway.port}", f"ghcr.gw.test:{gateway.port}"],
+        # Plain HTTP to anything on loopback: the session gateway and the ones tests start.
+        "insecure-registries": ["127.0.0.0/8"],
     }
     with start_dockerd(tmp_path_factory.mktemp("dockerd"), hosts_file, config) as d:
         yield d

@@ -64,11 +64,16 @@ class FakeRegistry:
                 )
             return self.serve_blob(request)
         path = request.url.path
-        if path == "/v2/":
-            return response(200, b"{}")
-        repo = path[4:].rsplit("/", 2)[0]
         auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or auth[7:] not in self.valid_tokens:
+        authorized = auth.startswith("Bearer ") and auth[7:] in self.valid_tokens
+        if path == "/v2/":
+            # Like Docker Hub: the ping challenges too, without a scope.
+            if authorized:
+                return response(200, b"{}")
+            challenge = {"www-authenticate": f'Bearer realm="{REALM}",service="{SERVICE}"'}
+            return registry_error(401, "UNAUTHORIZED", "authentication required", challenge)
+        repo = path[4:].rsplit("/", 2)[0]
+        if not authorized:
             return registry_error(401, "UNAUTHORIZED", "authentication required", self.challenge(repo))
         if "/manifests/" in path:
             if path.endswith("/missing"):
