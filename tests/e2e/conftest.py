@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.clients import Containerd, Dockerd, Podman, Skopeo, start_containerd, start_dockerd, write_hosts_file
+from tests.e2e.guides import adapt, example
 from tests.support import Gateway, run_gateway
 from tests.testbed.bed import Testbed
 
@@ -98,8 +100,10 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]
 @pytest.fixture(scope="session")
 def dockerd(tmp_path_factory: pytest.TempPathFactory, hosts_file: Path, gateway: Gateway) -> Iterator[Dockerd]:
     require("dockerd", "docker", "unshare")
+    # The guide's daemon.json, pointed at the test gateway (tests/e2e/test_client_guides.py).
+    documented = json.loads(example("docker-daemon-json"))
     config = {
-        "registry-mirrors": [gateway.url],
+        "registry-mirrors": [adapt(m, gateway.port) for m in documented["registry-mirrors"]],
         # Plain HTTP to anything on loopback: the session gateway and the ones tests start.
         "insecure-registries": ["127.0.0.0/8"],
     }

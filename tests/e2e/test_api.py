@@ -200,3 +200,24 @@ def test_memory_stays_flat_while_streaming_a_large_blob(gateway: Gateway, testbe
     assert peak_kib * 1024 < size / 2, f"peak RSS {peak_kib} KiB while streaming 4 x {size} bytes"
     lines = [json.loads(line) for line in gateway.log_lines() if '"event":"access"' in line]
     assert sum(1 for r in lines if r.get("path", "").endswith(digest) and r.get("bytes") == size) >= 4
+
+
+def test_expired_token_is_refreshed_between_requests(fresh_gateway: Gateway, testbed: Testbed, token_stats):
+    """A pull outlives its token: the gateway fetches a new one, and the client never notices."""
+    image = testbed.images["tool"]
+    old_ttl = testbed.tokens.ttl
+    testbed.tokens.ttl = 2
+    try:
+        manifest = httpx.get(f"{fresh_gateway.url}/v2/someorg/tool/manifests/1.0", headers={"accept": ALL_TYPES})
+        assert manifest.status_code == 200
+        import time
+
+        time.sleep(2.5)
+        for digest in image.blobs:
+            blob = httpx.get(f"{fresh_gateway.url}/v2/someorg/tool/blobs/{digest}")
+            assert blob.status_code == 200
+            assert "sha256:" + hashlib.sha256(blob.content).hexdigest() == digest
+    finally:
+        testbed.tokens.ttl = old_ttl
+    scopes = [r.scopes for r in token_stats.requests if r.service == testbed.hub.service]
+    assert scopes == [("repository:someorg/tool:pull",)] * 2
