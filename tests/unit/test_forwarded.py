@@ -9,8 +9,14 @@ async def run(trusted: str, client: str, headers: list[tuple[bytes, bytes]]) -> 
     async def app(scope, receive, send):
         seen.update(scope)
 
+    async def receive():
+        raise AssertionError("not called")
+
+    async def send(message):
+        raise AssertionError("not called")
+
     scope = {"type": "http", "scheme": "http", "client": (client, 1234), "headers": [(b"host", b"gw:5000"), *headers]}
-    await ForwardedHeadersMiddleware(app, trusted)(scope, None, None)
+    await ForwardedHeadersMiddleware(app, trusted)(scope, receive, send)
     return seen
 
 
