@@ -60,7 +60,9 @@ def build_clients(
     tokens = TokenCache()
     clients: dict[str, UpstreamClient] = {}
     for route in table.routes:
-        http = new_http_client(settings.timeouts(), settings.pool_limits(), transport, route=route)
+        http = new_http_client(
+            settings.timeouts(), settings.pool_limits(), transport, route=route, kind=settings.upstream_transport
+        )
         clients[route.name] = UpstreamClient(
             route,
             http,

@@ -43,6 +43,7 @@ from gateway.asgi import (
 )
 from gateway.errors import (
     UNAVAILABLE,
+    UNKNOWN,
     UNSUPPORTED,
     RegistryError,
     code_for_status,
@@ -159,6 +160,17 @@ class Gateway:
             headers: Headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
             headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
             await send_body(send, exc.status, headers, exc.body(), head=head)
+        except Exception:
+            # A bug, not bad input: logged with its traceback, answered as registry JSON
+            # (or, mid-stream, by aborting the connection) instead of uvicorn's text/plain 500.
+            logger.exception(
+                "internal error", extra={"fields": {"event": "internal_error", "request_id": record.request_id}}
+            )
+            if record.status:
+                raise
+            record.error = UNKNOWN
+            body = error_body(UNKNOWN, "internal error in the gateway", {"request_id": record.request_id})
+            await send_body(send, 500, [API_VERSION_HEADER, JSON_CONTENT_TYPE], body, head=head)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         method = scope["method"]

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     rate_limit: float = Field(default=0.0, ge=0)
     rate_burst: int = Field(default=200, ge=1)
 
+    # How upstream connections are made: "lean" (gateway/transport.py, built for streaming)
+    # or "httpx" (httpx's own httpcore transport). Both keep the same behaviour.
+    upstream_transport: Literal["lean", "httpx"] = "lean"
+
     # Upstream connection pool, per route.
     max_connections: int = Field(default=512, ge=1)
     max_keepalive_connections: int = Field(default=128, ge=0)

@@ -44,6 +44,7 @@ from gateway.httputil import REDIRECT_STATUSES, origin_of
 from gateway.netguard import REFUSED, GuardedBackend
 from gateway.policy import TargetRefused, check_target
 from gateway.routes import Credentials, Route, Upstream
+from gateway.transport import LeanTransport
 
 _REPO_IN_PATH_RE = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 # 500 may be one broken repository; these say the upstream itself is in trouble.
@@ -118,6 +119,7 @@ def new_http_client(
     transport: httpx.AsyncBaseTransport | None = None,
     *,
     route: Route | None = None,
+    kind: str = "lean",
 ) -> httpx.AsyncClient:
     httpx_limits = httpx.Limits(
         max_connections=limits.max_connections,
@@ -126,7 +128,12 @@ def new_http_client(
     )
     if transport is None and route is not None:
         trusted = [(u.host, u.port) for u in route.upstreams]
-        transport = _GuardedTransport(GuardedBackend(trusted, route.allow_private_addresses), httpx_limits)
+        if kind == "lean":
+            transport = LeanTransport(
+                limits=httpx_limits, trusted_hosts=trusted, allow_private=route.allow_private_addresses
+            )
+        else:
+            transport = _GuardedTransport(GuardedBackend(trusted, route.allow_private_addresses), httpx_limits)
     return httpx.AsyncClient(
         transport=transport,
         timeout=timeouts.httpx(),

@@ -1,0 +1,277 @@
+"""The lean HTTP/1.1 transport against a scripted server: framing, reuse, errors, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+
+from gateway.transport import HIGH_WATER, LeanTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Server:
+    """Each connection is served by the next handler in the list (the last one repeats)."""
+
+    def __init__(self, *handlers: Handler) -> None:
+        self.handlers = list(handlers)
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = self.handlers[min(self.connections, len(self.handlers) - 1)]
+        self.connections += 1
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        return head
+
+
+def client(**limits: int) -> httpx.AsyncClient:
+    transport = LeanTransport(limits=httpx.Limits(**limits), allow_private=True)
+    return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0))
+
+
+async def collect(resp: httpx.Response) -> bytes:
+    return b"".join([part async for part in resp.aiter_raw()])
+
+
+def answering(*responses: bytes) -> Callable[[Server], Handler]:
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for response in responses:
+                await server.read_request(reader)
+                writer.write(response)
+                await writer.drain()
+            await reader.read()  # keep the connection until the client closes it
+
+        return handler
+
+    return make
+
+
+async def test_content_length_body_and_keep_alive_reuse():
+    server = Server()
+    server.handlers = [
+        answering(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nbye",
+        )(server)
+    ]
+    async with server as url, client() as c:
+        async with c.stream("GET", url + "/a") as r:
+            assert r.status_code == 200
+            assert r.headers["x-a"] == "1"
+            assert await collect(r) == b"hello"
+        async with c.stream("GET", url + "/b") as r:
+            assert await collect(r) == b"bye"
+    assert server.connections == 1  # the second request reused the first connection
+    assert server.requests[0].startswith(b"GET /a HTTP/1.1\r\n")
+    assert b"host: 127.0.0.1:" in server.requests[0].lower()
+
+
+async def test_chunked_body_with_extensions_and_trailers():
+    body = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nTrailer: x\r\n\r\n"
+    server = Server()
+    server.handlers = [
+        answering(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body, b"HTTP/1.1 204 No Content\r\n\r\n")(
+            server
+        )
+    ]
+    async with server as url, client() as c:
+        async with c.stream("GET", url) as r:
+            assert await collect(r) == b"Wikipedia in\r\n\r\nchunks."
+        assert (await c.get(url)).status_code == 204
+    assert server.connections == 1
+
+
+async def test_body_until_close():
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nall of it")
+        await writer.drain()
+
+    async with Server(handler) as url, client() as c, c.stream("GET", url) as r:
+        assert await collect(r) == b"all of it"
+
+
+async def test_head_has_no_body_and_keeps_the_connection():
+    server = Server()
+    server.handlers = [
+        answering(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )(server)
+    ]
+    async with server as url, client() as c:
+        r = await c.head(url)
+        assert r.headers["content-length"] == "1000"
+        assert r.content == b""
+        assert (await c.get(url)).content == b"ok"
+    assert server.connections == 1
+
+
+async def test_interim_100_continue_is_skipped():
+    server = Server()
+    server.handlers = [
+        answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(server)
+    ]
+    async with server as url, client() as c:
+        assert (await c.get(url)).content == b"ok"
+
+
+async def test_short_body_is_an_error_not_a_clean_end():
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    async with Server(handler) as url, client() as c, c.stream("GET", url) as r:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await collect(r)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * (70 << 10) + b"\r\n\r\n",
+    ],
+    ids=["not-http", "status", "no-colon", "folded", "two-lengths", "negative-length", "gzip-te", "huge"],
+)
+async def test_malformed_heads_are_protocol_errors(response):
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async with Server(handler) as url, client() as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.get(url)
+
+
+@pytest.mark.parametrize("chunked", [b"zz\r\n", b"5\r\nabcdeXX", b"A" * 5000], ids=["size", "crlf", "long-line"])
+async def test_malformed_chunks_are_protocol_errors(chunked):
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    async with Server(handler) as url, client() as c, c.stream("GET", url) as r:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await collect(r)
+
+
+async def test_a_stale_kept_alive_connection_is_retried_once():
+    server = Server()
+
+    async def answer_then_close(reader, writer):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        # The server forgets the connection right after answering (keep-alive race).
+
+    server.handlers = [answer_then_close]
+    async with server as url, client() as c:
+        assert (await c.get(url)).content == b"ok"
+        await asyncio.sleep(0.1)
+        assert (await c.get(url)).content == b"ok"
+    assert server.connections == 2
+
+
+async def test_silence_is_a_read_timeout_and_refusal_a_connect_error():
+    async def silent(reader, writer):
+        await reader.read()
+
+    async with Server(silent) as url:
+        transport = LeanTransport(limits=httpx.Limits(), allow_private=True)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.get(url)
+    async with client() as c:
+        with pytest.raises(httpx.ConnectError):
+            await c.get(url)  # the server is gone
+
+
+async def test_the_address_guard():
+    transport = LeanTransport(limits=httpx.Limits(), allow_private=False, trusted_hosts=[("127.0.0.1", 1)])
+    async with httpx.AsyncClient(transport=transport) as c:
+        with pytest.raises(httpx.ConnectError, match="address policy"):
+            await c.get("http://localhost:8/")
+
+
+async def test_only_get_and_head():
+    async with client() as c:
+        with pytest.raises(httpx.UnsupportedProtocol):
+            await c.post("http://127.0.0.1:1/", content=b"x")
+
+
+async def test_pool_limit_waits_then_times_out():
+    release = asyncio.Event()
+
+    async def slow(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async with Server(slow) as url:
+        transport = LeanTransport(limits=httpx.Limits(max_connections=1), allow_private=True)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=0.2)) as c:
+            first = asyncio.ensure_future(c.get(url))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.PoolTimeout):
+                await c.get(url)
+            release.set()
+            assert (await first).status_code == 200
+
+
+async def test_back_pressure_pauses_reading_from_the_upstream():
+    size = 64 << 20
+    sent = 0
+
+    async def big(reader, writer):
+        nonlocal sent
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * (1 << 20)
+        while sent < size:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+
+    async with Server(big) as url, client() as c, c.stream("GET", url) as r:
+        stream = r.aiter_raw()
+        await stream.__anext__()
+        await asyncio.sleep(0.5)  # a client that does not read
+        # The upstream stalls once the gateway holds HIGH_WATER bytes plus socket buffers.
+        assert sent < HIGH_WATER + (24 << 20)
+        total = 0
+        async for part in stream:
+            total += len(part)
+    assert sent == size
