@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -49,7 +51,8 @@ class ClientAuth:
 
     def token(self) -> str:
         if time.monotonic() > self._expires:
-            params = [("service", self.service), *(("scope", scope) for scope in self.scopes)]
+            params: list[tuple[str, str | int | float | bool | None]] = [("service", self.service)]
+            params += [("scope", scope) for scope in self.scopes]
             response = httpx.get(self.realm, params=params, timeout=30, trust_env=False)
             response.raise_for_status()
             body = response.json()
@@ -166,21 +169,20 @@ def parallel_downloads(target: Target, path: str, expected_size: int, streams: i
 
 
 def blob_sha256(target: Target, path: str) -> tuple[str, int]:
-    """The sha256 of a whole download (curl piped into sha256sum), and its size."""
-    argv = _curl_argv(target, path, output="-")
-    curl = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert curl.stdout is not None
-    summer = subprocess.Popen(["sha256sum"], stdin=curl.stdout, stdout=subprocess.PIPE)
-    curl.stdout.close()  # sha256sum holds the pipe now
-    digest_out, _ = summer.communicate()
-    assert curl.stderr is not None
-    err = curl.stderr.read()
-    curl.wait()
-    fields = err.decode(errors="replace")
+    """The sha256 and size of one whole download (curl's body read through a pipe)."""
+    argv = [a for a in _curl_argv(target, path, output="-") if a not in ("--write-out", _CURL_FORMAT)]
+    digest = hashlib.sha256()
+    size = 0
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as curl:
+        assert curl.stdout is not None
+        assert curl.stderr is not None
+        while chunk := curl.stdout.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        err = curl.stderr.read().decode(errors="replace").strip()
     if curl.returncode != 0:
-        raise ClientError(f"{target.name}: curl exited with {curl.returncode}: {fields.strip()}")
-    # with --output -, the --write-out line goes to stdout too; curl writes it after the body
-    return "sha256:" + digest_out.decode().split()[0], -1
+        raise ClientError(f"{target.name}: curl exited with {curl.returncode}: {err}")
+    return "sha256:" + digest.hexdigest(), size
 
 
 def manifest_get(target: Target, path: str) -> httpx.Response:
@@ -219,7 +221,7 @@ def count_requests(target: Target, path: str, total: int, concurrency: int) -> d
 
 
 @dataclass(frozen=True)
-class WrkRun:
+class LoadRun:
     requests: int
     seconds: float
     errors: dict[str, int]
@@ -245,7 +247,7 @@ def wrk(
     seconds: float,
     threads: int = 1,
     log: Path | None = None,
-) -> WrkRun:
+) -> LoadRun:
     """wrk with a fixed duration; the Lua script reports requests, errors and latency percentiles as JSON."""
     argv = [
         "wrk",
@@ -269,7 +271,7 @@ def wrk(
         raise ClientError(f"{target.name}: wrk exited with {done.returncode}: {done.stderr.strip() or done.stdout}")
     data = json.loads(report.removeprefix("BENCH_JSON "))
     errors = {key: int(data[key]) for key in ("connect", "read", "write", "status", "timeout")}
-    return WrkRun(
+    return LoadRun(
         requests=int(data["requests"]),
         seconds=float(data["duration_us"]) / 1e6,
         errors=errors,
@@ -278,3 +280,76 @@ def wrk(
         p99_ms=float(data["p99_us"]) / 1000,
         max_ms=float(data["max_us"]) / 1000,
     )
+
+
+def hey(target: Target, path: str, *, connections: int, seconds: float, log: Path | None = None) -> LoadRun:
+    """hey (Go's net/http client) with a fixed duration: the fallback when wrk's strict HTTP parser refuses a path."""
+    argv = ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections), "-t", "10", "-disable-compression"]
+    argv += ["-cpus", "1"]  # like wrk's single thread: leave the other core to the servers
+    argv += ["-H", f"Accept: {MANIFEST_ACCEPT}"]
+    for name, value in target.headers().items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(target.base_url + path)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=seconds + 60)
+    if log is not None:
+        with log.open("a") as out:
+            out.write(f"$ hey ... {target.name} c={connections} {seconds}s\n{done.stdout}{done.stderr}\n")
+    if done.returncode != 0:
+        raise ClientError(f"{target.name}: hey exited with {done.returncode}: {done.stderr.strip()}")
+    return parse_hey(done.stdout)
+
+
+def parse_hey(text: str) -> LoadRun:
+    total = slowest = 0.0
+    percentiles: dict[int, float] = {}
+    statuses: dict[int, int] = {}
+    failures = 0
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.endswith(":") and not line.startswith("["):
+            section = line
+        if line.startswith("Total:"):
+            total = float(line.split()[1])
+        elif line.startswith("Slowest:"):
+            slowest = float(line.split()[1])
+        elif section == "Latency distribution:" and "% in " in line:
+            pct, _, value = line.partition("% in ")
+            percentiles[int(pct)] = float(value.split()[0])
+        elif section == "Status code distribution:" and line.startswith("["):
+            code, count = line[1:].split("]", 1)
+            statuses[int(code)] = int(count.split()[0])
+        elif section == "Error distribution:" and line.startswith("["):
+            failures += int(line[1:].split("]", 1)[0])
+    if total <= 0 or not percentiles:
+        raise ClientError(f"hey printed no summary: {text[-500:]}")
+    ok = statuses.get(200, 0)
+    return LoadRun(
+        requests=ok,
+        seconds=total,
+        errors={"status": sum(statuses.values()) - ok, "other": failures},
+        p50_ms=percentiles.get(50, 0.0) * 1000,
+        p90_ms=percentiles.get(90, 0.0) * 1000,
+        p99_ms=percentiles.get(99, 0.0) * 1000,
+        max_ms=slowest * 1000,
+    )
+
+
+def response_header_counts(target: Target, path: str) -> dict[str, int]:
+    """How often each header name occurs in a manifest answer, read off the raw socket (httpx would merge them)."""
+    host, _, port = target.base_url.removeprefix("http://").partition(":")
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", f"Accept: {MANIFEST_ACCEPT}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in target.headers().items()]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    counts: dict[str, int] = {}
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name = line.split(b":", 1)[0].strip().lower().decode("latin-1")
+        counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -96,6 +96,14 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
+def machine_cpu() -> dict[str, float]:
+    """Machine-wide CPU seconds from /proc/stat: busy (not idle or iowait), steal, and the total."""
+    fields = [int(v) for v in (PROC / "stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    idle = fields[3] + fields[4]
+    return {"busy": (total - idle) / CLOCK_TICKS, "steal": fields[7] / CLOCK_TICKS, "total": total / CLOCK_TICKS}
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process in KiB (empty when it is gone)."""
     out: dict[str, int] = {}

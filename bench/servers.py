@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shlex
 import signal
@@ -31,11 +33,23 @@ def free_port() -> int:
         return port
 
 
-def tail(path: Path, lines: int = 20) -> str:
+def tail(path: Path, lines: int = 8, width: int = 240) -> str:
+    """The last lines of a log, each cut to ``width`` characters (access logs are long JSON lines)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        last = path.read_text(errors="replace").splitlines()[-lines:]
     except OSError:
         return "<no log>"
+    return "\n".join(line if len(line) <= width else line[:width] + "..." for line in last)
+
+
+def source_fingerprint(package: Path = ROOT / "gateway") -> dict[str, object]:
+    """sha256 over the gateway's Python sources as they are on disk now (identifies uncommitted states too)."""
+    digest = hashlib.sha256()
+    files = sorted(package.rglob("*.py"))
+    for path in files:
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return {"sha256": digest.hexdigest()[:16], "files": len(files)}
 
 
 class Server:
@@ -72,7 +86,9 @@ class Server:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not self.alive():
-                raise ServerError(f"{self.name} exited with {self.returncode()} before it answered:\n{tail(self.log_path)}")
+                raise ServerError(
+                    f"{self.name} exited with {self.returncode()} before it answered:\n{tail(self.log_path)}"
+                )
             try:
                 httpx.get(self.url + path, timeout=2.0, trust_env=False)
                 return
@@ -102,17 +118,13 @@ class Server:
         proc = self.proc
         if proc is not None and proc.poll() is None:
             # Only the process group this object created (start_new_session) is signalled.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.wait()
         if self._log is not None:
             self._log.close()
@@ -174,6 +186,8 @@ http {{
             proxy_set_header Host $http_host;
             proxy_buffering off;
             proxy_buffer_size 64k;
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 128k;
             proxy_read_timeout 300s;
             # Blob GETs answer 307 to the CDN: follow it here instead of handing it to the client.
             proxy_intercept_errors on;
@@ -189,6 +203,8 @@ http {{
             proxy_set_header Authorization "";
             proxy_buffering off;
             proxy_buffer_size 64k;
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 128k;
             proxy_read_timeout 300s;
         }}
     }}
@@ -228,14 +244,18 @@ class Gateway(Server):
         workers: int | None = None,
         env: dict[str, str] | None = None,
         command: str | None = None,
+        route_options: dict[str, str] | None = None,
     ) -> None:
         super().__init__(workdir)
+        #: more keys of the route, as TOML values (``{"allow_private_addresses": "true"}``)
+        self.route_options = dict(route_options or {})
         self.registry_url = registry_url
         self.workers = workers
         self.extra_env = dict(env or {})
         self.command = command
         self.routes_path = self.dir / "routes.toml"
         self.argv: list[str] = []
+        self.source: dict[str, object] = {}
 
     def routes(self) -> str:
         return f"""\
@@ -245,10 +265,11 @@ name = "hub.test"
 upstream = "{self.registry_url}"
 default = true
 library = true
-"""
+""" + "".join(f"{key} = {value}\n" for key, value in self.route_options.items())
 
     def build_argv(self) -> list[str]:
-        """The command line; ``--gateway-cmd`` may use {routes} {host} {port} {workers}, else the options are appended."""
+        """The command line. ``--gateway-cmd`` may use {routes} {host} {port} {workers} {python};
+        without {port} the usual options are appended."""
         values = {
             "routes": str(self.routes_path),
             "host": LOOPBACK,
@@ -270,6 +291,7 @@ library = true
         self.routes_path.write_text(self.routes())
         self.port = free_port()
         self.argv = self.build_argv()
+        self.source = source_fingerprint()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.update(
             {

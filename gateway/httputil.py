@@ -84,8 +84,17 @@ def origin_of(url: str) -> tuple[str, str, int]:
 def response_headers(
     headers: httpx.Headers, allowed: frozenset[str] = FORWARD_RESPONSE_HEADERS
 ) -> list[tuple[bytes, bytes]]:
-    """The upstream headers a client may see, as raw ASGI header pairs (repeats kept)."""
-    return [(k, v) for k, v in headers.raw if k.lower().decode("latin-1") in allowed]
+    """The upstream headers a client may see, as ASGI header pairs (repeats kept).
+
+    Names are lowercased, as ASGI requires: headers the gateway sets itself (``content-length``
+    on a manifest it holds) then replace the upstream's whatever its spelling, never duplicate them.
+    """
+    out = []
+    for key, value in headers.raw:
+        lower = key.lower()
+        if lower.decode("latin-1") in allowed:
+            out.append((lower, value))
+    return out
 
 
 _LINK_RE = re.compile(r"<([^>]*)>\s*(.*)")

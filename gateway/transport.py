@@ -39,8 +39,8 @@ from gateway.netguard import REFUSED
 from gateway.policy import is_public_address
 
 # Reading pauses when this much received body waits for the client; resumes below LOW_WATER.
-HIGH_WATER = 4 << 20
-LOW_WATER = 1 << 20
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
 MAX_HEAD = 64 << 10  # status line + headers
 MAX_CHUNK_LINE = 4096
 

@@ -542,3 +542,37 @@ async def test_health_and_readiness(client):
     ready = (await client.get("/readyz")).json()
     assert ready["status"] == "ready"
     assert ready["routes"] == ["docker.io", "private.io", "pass.io"]
+
+
+async def test_no_header_is_sent_twice(fake):
+    """Upstreams spell names their way (Content-Length); the answer must not repeat one (wrk, llhttp refuse that)."""
+    spelled = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Content-Length": str(len(MANIFEST))}
+    fake.override = lambda r: response(200, MANIFEST, spelled) if r.url.host == "registry.test" else None
+    table = parse_routes(ROUTES, "routes.toml", {"PW": "hunter2"})
+    app = create_app(Settings(), table=table, transport=httpx.MockTransport(fake))
+    scope_messages: list = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        scope_messages.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/v2/alpine/manifests/latest",
+        "raw_path": b"/v2/alpine/manifests/latest",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw.test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 5000),
+    }
+    await app(scope, receive, send)
+    names = [k for k, _ in scope_messages[0]["headers"]]
+    assert len(names) == len(set(names)), names
+    assert all(k == k.lower() for k in names)
