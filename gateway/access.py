@@ -89,7 +89,7 @@ class ClientAuth:
             return None
         try:
             user, sep, password = base64.b64decode(credential, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII input; UnicodeDecodeError is one too
             return None
         hashed = self.users.get(user)
         if not sep or hashed is None:

@@ -23,11 +23,13 @@ from gateway.auth import TokenCache
 from gateway.errors import UNSUPPORTED, error_body
 from gateway.forwarded import ForwardedHeadersMiddleware
 from gateway.log import AccessLogMiddleware, configure_logging
+from gateway.manifest_cache import ManifestCache
 from gateway.passthrough import TOKEN_PATH, TokenRelay
 from gateway.proxy import Gateway
 from gateway.routes import ConfigError, RouteTable, load_routes
 from gateway.settings import Settings
-from gateway.upstream import Breaker, UpstreamClient, new_http_client
+from gateway.transport import LeanTransport
+from gateway.upstream import Breaker, UpstreamClient, new_http_client, new_transport
 
 
 class App:
@@ -60,16 +62,15 @@ def build_clients(
     tokens = TokenCache()
     clients: dict[str, UpstreamClient] = {}
     for route in table.routes:
-        http = new_http_client(
-            settings.timeouts(), settings.pool_limits(), transport, route=route, kind=settings.upstream_transport
-        )
+        route_transport = transport or new_transport(route, settings.pool_limits(), settings.upstream_transport)
         clients[route.name] = UpstreamClient(
             route,
-            http,
+            new_http_client(settings.timeouts(), settings.pool_limits(), route_transport),
             tokens,
             timeouts=settings.timeouts(),
             max_redirects=settings.max_redirects,
             breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
+            direct=route_transport if isinstance(route_transport, LeanTransport) else None,
         )
     return clients
 
@@ -106,7 +107,14 @@ def create_app(
     settings = settings or Settings()
     table = table or load_routes(settings.routes)
     clients = build_clients(table, settings, transport)
-    gateway = Gateway(table, clients)
+    cache = None
+    if settings.manifest_cache_bytes > 0:
+        cache = ManifestCache(
+            max_bytes=settings.manifest_cache_bytes,
+            tag_ttl=settings.manifest_cache_tag_ttl,
+            digest_ttl=settings.manifest_cache_digest_ttl,
+        )
+    gateway = Gateway(table, clients, cache)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

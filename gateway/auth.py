@@ -29,6 +29,7 @@ import httpx
 from gateway import metrics
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, RegistryError
 from gateway.httputil import read_capped
+from gateway.netguard import REFUSED
 from gateway.routes import Credentials
 
 DEFAULT_EXPIRES_IN = 60.0  # token spec: "defaults to 60 seconds"
@@ -204,12 +205,16 @@ async def fetch_token(
             504, UNAVAILABLE, f"the upstream token endpoint {realm} did not answer within {timeout:g} s", retryable=True
         ) from None
     except httpx.HTTPError as exc:
+        if REFUSED in str(exc):
+            raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm}: {exc}") from None
         raise RegistryError(
             502,
             UNAVAILABLE,
             f"the upstream token endpoint {realm} is unreachable: {type(exc).__name__}",
             retryable=isinstance(exc, httpx.TransportError),
         ) from None
+    except (httpx.InvalidURL, ValueError):
+        raise RegistryError(502, UNAVAILABLE, "the upstream named a token endpoint that is not a valid URL") from None
     if body is None:
         raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm} sent an oversized answer")
     if resp.status_code == 200:

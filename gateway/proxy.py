@@ -61,6 +61,7 @@ from gateway.httputil import (
     split_links,
 )
 from gateway.log import RequestRecord, record_of
+from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
 from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
 from gateway.routes import RouteTable, Target
 from gateway.upstream import Opened, UpstreamClient
@@ -74,8 +75,6 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_ERROR_BODY = 64 << 10
 # Tag list pages: distribution-spec allows any n; the cap only stops absurd values.
 MAX_PAGE_SIZE = 100_000
-# An error body gets this long to arrive; then the gateway answers with its own message.
-ERROR_BODY_SECONDS = 10.0
 # Real clients send a few hundred bytes of headers. These caps keep oversized values
 # (an Accept of 100 KB, a cookie jar) from being forwarded or parsed at all.
 MAX_HEADER_VALUE = 8 << 10
@@ -115,7 +114,7 @@ def upstream_query(kind: Kind, query_string: bytes) -> tuple[str, str | None]:
         if key == "ns":
             ns = ns or value
         elif kind is Kind.TAGS and key == "n":
-            if not value.isdigit() or len(value) > 6 or int(value) > MAX_PAGE_SIZE:
+            if not (value.isascii() and value.isdigit()) or len(value) > 6 or int(value) > MAX_PAGE_SIZE:
                 raise _bad_request("PAGINATION_NUMBER_INVALID", f"n must be an integer from 0 to {MAX_PAGE_SIZE}")
             forward.append((key, value))
         elif kind is Kind.TAGS and key == "last":
@@ -135,7 +134,10 @@ def upstream_headers(scope: Scope) -> dict[str, str]:
     for key, value in scope["headers"]:
         if key in FORWARD_REQUEST_HEADERS:
             name = key.decode("latin-1")
-            text = value.decode("latin-1")
+            if not value.isascii():
+                # Registry clients only send ASCII here; other bytes cannot be forwarded faithfully.
+                raise RegistryError(400, UNSUPPORTED, f"the {name} header must be ASCII")
+            text = value.decode("ascii")
             out[name] = f"{out[name]}, {text}" if name in out else text
     # Bodies are relayed raw, so the upstream must not pick an encoding the client
     # did not ask for; with no Accept-Encoding at all, ask for none.
@@ -146,9 +148,12 @@ def upstream_headers(scope: Scope) -> dict[str, str]:
 class Gateway:
     """The ASGI app for everything under ``/v2``."""
 
-    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient]) -> None:
+    def __init__(
+        self, table: RouteTable, clients: Mapping[str, UpstreamClient], cache: ManifestCache | None = None
+    ) -> None:
         self.table = table
         self.clients = clients
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
@@ -194,14 +199,61 @@ class Gateway:
         client_authorization = None
         if route.auth == "passthrough":
             client_authorization = header_value(scope, b"authorization")
-            if client_authorization is None:
+            if client_authorization is None or not client_authorization.isascii():
                 raise passthrough.unauthorized(scope, route, target.client_path_name)
+        elif api.kind is Kind.MANIFEST and self.cache is not None:
+            key: CacheKey = (
+                route.name,
+                target.upstream_name,
+                api.reference,
+                normalise_accept(header_value(scope, b"accept")),
+            )
+            if await self._from_cache(send, record, key, head=method == "HEAD"):
+                return
+            async with self.cache.flight(key) as leader:
+                if not leader and await self._from_cache(send, record, key, head=method == "HEAD"):
+                    return  # another request fetched it meanwhile
+                record.cache = "miss"
+                await self._from_upstream(scope, receive, send, record, api, target, query, None, key)
+            return
+        await self._from_upstream(scope, receive, send, record, api, target, query, client_authorization, None)
+
+    async def _from_cache(self, send: Send, record: RequestRecord, key: CacheKey, *, head: bool) -> bool:
+        assert self.cache is not None
+        entry = self.cache.get(key, head=head)
+        if entry is None:
+            return False
+        record.cache = "hit"
+        if entry.body is None:  # known from a HEAD: its own Content-Length stands
+            await send({"type": "http.response.start", "status": 200, "headers": [*entry.headers, API_VERSION_HEADER]})
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        record.bytes = 0 if head else len(entry.body)
+        await send_body(send, 200, [*entry.headers, API_VERSION_HEADER], entry.body, head=head)
+        return True
+
+    async def _from_upstream(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+        api: ApiPath,
+        target: Target,
+        query: str,
+        client_authorization: str | None,
+        cache_key: CacheKey | None,
+    ) -> None:
+        method = scope["method"]
+        route = target.route
         client = self.clients[route.name]
         follow = not (api.kind is Kind.BLOB and route.blob_redirect == "pass")
         started = time.perf_counter()
+        # One deadline for the whole answer of manifests, tags, referrers and errors; for
+        # blobs it bounds the time to the headers (tokens, redirects and failover included).
+        deadline = asyncio.get_running_loop().time() + client.timeouts.manifest
         try:
-            # Until the response headers: tokens, redirects and failover included.
-            async with asyncio.timeout(client.timeouts.manifest):
+            async with asyncio.timeout_at(deadline):
                 opened = await client.open(
                     method,
                     f"/v2/{target.upstream_name}/{api.tail()}",
@@ -225,10 +277,10 @@ class Gateway:
                 # The upstream refused the client's token: the client must log in again, at our realm.
                 challenge = passthrough.challenge_header(scope, route, target.client_path_name)
                 await self._relay_error(
-                    send, record, api, target, opened.response, head=method == "HEAD", extra=[challenge]
+                    send, record, api, target, opened.response, deadline, head=method == "HEAD", extra=[challenge]
                 )
             else:
-                await self._answer(scope, receive, send, record, api, target, opened)
+                await self._answer(scope, receive, send, record, api, target, opened, cache_key, deadline)
         finally:
             await opened.response.aclose()
 
@@ -241,7 +293,7 @@ class Gateway:
             return
         record.route = route.name
         authorization = header_value(scope, b"authorization")
-        if authorization is None:
+        if authorization is None or not authorization.isascii():
             raise passthrough.unauthorized(scope, route, None)
         # Check the client's token where it is valid: Docker's login ends with this request.
         client = self.clients[route.name]
@@ -263,18 +315,24 @@ class Gateway:
         api: ApiPath,
         target: Target,
         opened: Opened,
+        cache_key: CacheKey | None,
+        deadline: float,
     ) -> None:
         resp = opened.response
         head = scope["method"] == "HEAD"
         status = resp.status_code
+        if cache_key is not None and (status != 200 or "no-store" in resp.headers.get("cache-control", "")):
+            cache_key = None
         if status in REDIRECT_STATUSES:
             await self._pass_redirect(send, record, target, opened)
         elif status >= 400:
-            await self._relay_error(send, record, api, target, resp, head=head)
+            await self._relay_error(send, record, api, target, resp, deadline, head=head)
         elif api.kind is Kind.MANIFEST and not head and status == 200:
-            await self._relay_manifest(send, record, target, resp)
+            await self._relay_manifest(send, record, target, resp, cache_key, deadline)
         else:
             headers = response_headers(resp.headers)
+            if cache_key is not None and self.cache is not None:
+                self.cache.put(cache_key, headers, None)  # a manifest HEAD: headers only
             if api.kind is Kind.TAGS:
                 headers.extend(self._links(resp, target))
             headers.append(API_VERSION_HEADER)
@@ -284,8 +342,15 @@ class Gateway:
                 return
             in_flight = metrics.STREAMS_IN_FLIGHT.labels(target.route.name)
             in_flight.inc()
+            # Blobs may take as long as they keep flowing; tag lists and referrers are
+            # answers like manifests, held to the deadline as a whole.
+            limit = None if api.kind is Kind.BLOB else deadline
             try:
-                end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+                async with asyncio.timeout_at(limit):
+                    end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+            except TimeoutError:
+                end, sent = StreamEnd.UPSTREAM_BROKE, 0
+                metrics.upstream_error(target.route.name, "timeout")
             finally:
                 in_flight.dec()
             record.bytes = sent
@@ -324,13 +389,29 @@ class Gateway:
                 f"upstream {target.route.name} answered {opened.response.status_code} without Location",
             )
         record.redirect = "passed"
-        # Made absolute: a relative Location is relative to the upstream, not to us.
-        headers: Headers = [(b"location", urljoin(opened.url, location).encode()), API_VERSION_HEADER]
+        try:
+            # Made absolute: a relative Location is relative to the upstream, not to us.
+            absolute = urljoin(opened.url, location)
+            # A host name a client could not even decode (bad IDNA) is refused here.
+            _ = httpx.URL(absolute).host
+        except (ValueError, httpx.InvalidURL):
+            absolute = ""
+        if not absolute.startswith(("https://", "http://")) or not absolute.isascii():
+            raise RegistryError(502, UNAVAILABLE, f"upstream {target.route.name} redirected to an invalid URL")
+        headers: Headers = [(b"location", absolute.encode()), API_VERSION_HEADER]
         await send_body(send, opened.response.status_code, headers, b"")
 
-    async def _relay_manifest(self, send: Send, record: RequestRecord, target: Target, resp: httpx.Response) -> None:
+    async def _relay_manifest(
+        self,
+        send: Send,
+        record: RequestRecord,
+        target: Target,
+        resp: httpx.Response,
+        cache_key: CacheKey | None,
+        deadline: float,
+    ) -> None:
         try:
-            async with asyncio.timeout(self.clients[target.route.name].timeouts.manifest):
+            async with asyncio.timeout_at(deadline):
                 body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
         except TimeoutError:
             metrics.upstream_error(target.route.name, "timeout")
@@ -351,6 +432,8 @@ class Gateway:
             # omit it. The digest is over the exact bytes, which we hold.
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
             headers.append((b"docker-content-digest", digest.encode()))
+        if cache_key is not None and self.cache is not None:
+            self.cache.put(cache_key, [(k, v) for k, v in headers if k != b"content-length"], body)
         headers.append(API_VERSION_HEADER)
         record.bytes = len(body)
         await send_body(send, 200, headers, body)
@@ -362,6 +445,7 @@ class Gateway:
         api: ApiPath,
         target: Target,
         resp: httpx.Response,
+        deadline: float,
         *,
         head: bool,
         extra: Sequence[tuple[bytes, bytes]] = (),
@@ -373,7 +457,7 @@ class Gateway:
         body: bytes | None = None
         if not head:
             try:
-                async with asyncio.timeout(ERROR_BODY_SECONDS):
+                async with asyncio.timeout_at(deadline):
                     body = await read_capped(resp, MAX_ERROR_BODY)
             except (httpx.HTTPError, TimeoutError):
                 body = None

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     rate_limit: float = Field(default=0.0, ge=0)
     rate_burst: int = Field(default=200, ge=1)
 
+    # Manifest answers kept in memory (bytes; 0 turns the cache off), and for how long:
+    # answers by tag (a push is seen within this time; 0: never cached) and by digest.
+    manifest_cache_bytes: int = Field(default=64 << 20, ge=0)
+    manifest_cache_tag_ttl: float = Field(default=30.0, ge=0)
+    manifest_cache_digest_ttl: float = Field(default=3600.0, ge=0)
+
     # How upstream connections are made: "lean" (gateway/transport.py, built for streaming)
     # or "httpx" (httpx's own httpcore transport). Both keep the same behaviour.
     upstream_transport: Literal["lean", "httpx"] = "lean"

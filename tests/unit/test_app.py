@@ -42,7 +42,8 @@ def fake() -> FakeRegistry:
 @pytest.fixture
 def app(fake):
     table = parse_routes(ROUTES, "routes.toml", {"PW": "hunter2"})
-    return create_app(Settings(), table=table, transport=httpx.MockTransport(fake))
+    # The manifest cache would answer repeated requests itself; its own tests are in test_manifest_cache.py.
+    return create_app(Settings(manifest_cache_bytes=0), table=table, transport=httpx.MockTransport(fake))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ MIRROR = "https://mirror.test"
 
 def make_client(fake, routes, settings: Settings | None = None, env=None, client=("127.0.0.1", 1234)):
     table = parse_routes({"route": routes}, "routes.toml", env or {})
-    app = create_app(settings or Settings(), table=table, transport=httpx.MockTransport(fake))
+    app = create_app(settings or Settings(manifest_cache_bytes=0), table=table, transport=httpx.MockTransport(fake))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url="http://gw.test")
 
 
