@@ -22,8 +22,23 @@ FORWARD_REQUEST_HEADERS = frozenset(
     {b"accept", b"accept-encoding", b"range", b"if-range", b"if-none-match", b"if-modified-since", b"user-agent"}
 )
 
+# Docker Hub's pull-limit headers (and their x- spellings): clients and operators read them,
+# on success and on 429 alike.
+RATE_LIMIT_HEADERS = frozenset(
+    {
+        "retry-after",
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "docker-ratelimit-source",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+    }
+)
+
 # Upstream -> client.
-FORWARD_RESPONSE_HEADERS = frozenset(
+FORWARD_RESPONSE_HEADERS = RATE_LIMIT_HEADERS | frozenset(
     {
         "content-type",
         "content-length",
@@ -36,15 +51,6 @@ FORWARD_RESPONSE_HEADERS = frozenset(
         "cache-control",
         "expires",
         "vary",
-        "retry-after",
-        # Docker Hub's pull-limit headers: clients and operators read them.
-        "ratelimit-limit",
-        "ratelimit-remaining",
-        "ratelimit-reset",
-        "docker-ratelimit-source",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
         # Referrers API (distribution-spec "Listing Referrers").
         "oci-filters-applied",
         "oci-subject",
@@ -52,18 +58,7 @@ FORWARD_RESPONSE_HEADERS = frozenset(
 )
 
 # Headers kept on error answers that are re-encoded as registry JSON.
-ERROR_RESPONSE_HEADERS = frozenset(
-    {
-        "retry-after",
-        "ratelimit-limit",
-        "ratelimit-remaining",
-        "ratelimit-reset",
-        "docker-ratelimit-source",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-    }
-)
+ERROR_RESPONSE_HEADERS = RATE_LIMIT_HEADERS
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 

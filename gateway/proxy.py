@@ -23,6 +23,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin
 
 import httpx
@@ -145,6 +146,27 @@ def upstream_headers(scope: Scope) -> dict[str, str]:
     return out
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One client request on its way through the relay, once its route is known."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    record: RequestRecord
+    api: ApiPath
+    target: Target
+    head: bool
+    # Whole-answer deadline (loop time): set when the request goes upstream.
+    deadline: float = 0.0
+    # Where a cacheable manifest answer goes; None once it proves not cacheable.
+    cache_key: CacheKey | None = None
+
+    @property
+    def route_name(self) -> str:
+        return self.target.route.name
+
+
 class Gateway:
     """The ASGI app for everything under ``/v2``."""
 
@@ -196,11 +218,12 @@ class Gateway:
         route = target.route
         record.route = route.name
         record.repository = target.upstream_name
-        client_authorization = None
+        ex = Exchange(scope, receive, send, record, api, target, head=method == "HEAD")
         if route.auth == "passthrough":
             client_authorization = header_value(scope, b"authorization")
             if client_authorization is None or not client_authorization.isascii():
                 raise passthrough.unauthorized(scope, route, target.client_path_name)
+            await self._from_upstream(ex, query, client_authorization)
         elif api.kind is Kind.MANIFEST and self.cache is not None:
             key: CacheKey = (
                 route.name,
@@ -208,59 +231,48 @@ class Gateway:
                 api.reference,
                 normalise_accept(header_value(scope, b"accept")),
             )
-            if await self._from_cache(send, record, key, head=method == "HEAD"):
+            if await self._from_cache(ex, key):
                 return
             async with self.cache.flight(key) as leader:
-                if not leader and await self._from_cache(send, record, key, head=method == "HEAD"):
+                if not leader and await self._from_cache(ex, key):
                     return  # another request fetched it meanwhile
                 record.cache = "miss"
-                await self._from_upstream(scope, receive, send, record, api, target, query, None, key)
-            return
-        await self._from_upstream(scope, receive, send, record, api, target, query, client_authorization, None)
+                ex.cache_key = key
+                await self._from_upstream(ex, query, None)
+        else:
+            await self._from_upstream(ex, query, None)
 
-    async def _from_cache(self, send: Send, record: RequestRecord, key: CacheKey, *, head: bool) -> bool:
+    async def _from_cache(self, ex: Exchange, key: CacheKey) -> bool:
         assert self.cache is not None
-        entry = self.cache.get(key, head=head)
+        entry = self.cache.get(key, head=ex.head)
         if entry is None:
             return False
-        record.cache = "hit"
+        ex.record.cache = "hit"
+        headers = [*entry.headers, API_VERSION_HEADER]
         if entry.body is None:  # known from a HEAD: its own Content-Length stands
-            await send({"type": "http.response.start", "status": 200, "headers": [*entry.headers, API_VERSION_HEADER]})
-            await send({"type": "http.response.body", "body": b""})
+            await ex.send({"type": "http.response.start", "status": 200, "headers": headers})
+            await ex.send({"type": "http.response.body", "body": b""})
             return True
-        record.bytes = 0 if head else len(entry.body)
-        await send_body(send, 200, [*entry.headers, API_VERSION_HEADER], entry.body, head=head)
+        ex.record.bytes = 0 if ex.head else len(entry.body)
+        await send_body(ex.send, 200, headers, entry.body, head=ex.head)
         return True
 
-    async def _from_upstream(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        record: RequestRecord,
-        api: ApiPath,
-        target: Target,
-        query: str,
-        client_authorization: str | None,
-        cache_key: CacheKey | None,
-    ) -> None:
-        method = scope["method"]
-        route = target.route
+    async def _from_upstream(self, ex: Exchange, query: str, client_authorization: str | None) -> None:
+        route = ex.target.route
         client = self.clients[route.name]
-        follow = not (api.kind is Kind.BLOB and route.blob_redirect == "pass")
         started = time.perf_counter()
         # One deadline for the whole answer of manifests, tags, referrers and errors; for
         # blobs it bounds the time to the headers (tokens, redirects and failover included).
-        deadline = asyncio.get_running_loop().time() + client.timeouts.manifest
+        ex.deadline = asyncio.get_running_loop().time() + client.timeouts.manifest
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(ex.deadline):
                 opened = await client.open(
-                    method,
-                    f"/v2/{target.upstream_name}/{api.tail()}",
+                    ex.scope["method"],
+                    f"/v2/{ex.target.upstream_name}/{ex.api.tail()}",
                     query=query,
-                    headers=upstream_headers(scope),
-                    repository=target.upstream_name,
-                    follow_redirects=follow,
+                    headers=upstream_headers(ex.scope),
+                    repository=ex.target.upstream_name,
+                    follow_redirects=not (ex.api.kind is Kind.BLOB and route.blob_redirect == "pass"),
                     client_authorization=client_authorization,
                 )
         except TimeoutError:
@@ -268,19 +280,17 @@ class Gateway:
             raise RegistryError(
                 504, UNAVAILABLE, f"upstream {route.name} did not answer within {client.timeouts.manifest:g} s"
             ) from None
-        record.upstream = opened.upstream.url
-        record.upstream_seconds = round(time.perf_counter() - started, 6)
+        ex.record.upstream = opened.upstream.url
+        ex.record.upstream_seconds = round(time.perf_counter() - started, 6)
         if opened.redirects:
-            record.redirect = "followed"
+            ex.record.redirect = "followed"
         try:
             if route.auth == "passthrough" and opened.response.status_code == 401:
                 # The upstream refused the client's token: the client must log in again, at our realm.
-                challenge = passthrough.challenge_header(scope, route, target.client_path_name)
-                await self._relay_error(
-                    send, record, api, target, opened.response, deadline, head=method == "HEAD", extra=[challenge]
-                )
+                challenge = passthrough.challenge_header(ex.scope, route, ex.target.client_path_name)
+                await self._relay_error(ex, opened.response, extra=[challenge])
             else:
-                await self._answer(scope, receive, send, record, api, target, opened, cache_key, deadline)
+                await self._answer(ex, opened)
         finally:
             await opened.response.aclose()
 
@@ -306,69 +316,52 @@ class Gateway:
             raise passthrough.unauthorized(scope, route, None)
         await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
 
-    async def _answer(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        record: RequestRecord,
-        api: ApiPath,
-        target: Target,
-        opened: Opened,
-        cache_key: CacheKey | None,
-        deadline: float,
-    ) -> None:
+    async def _answer(self, ex: Exchange, opened: Opened) -> None:
         resp = opened.response
-        head = scope["method"] == "HEAD"
         status = resp.status_code
-        if cache_key is not None and (status != 200 or "no-store" in resp.headers.get("cache-control", "")):
-            cache_key = None
+        if ex.cache_key is not None and (status != 200 or "no-store" in resp.headers.get("cache-control", "")):
+            ex.cache_key = None
         if status in REDIRECT_STATUSES:
-            await self._pass_redirect(send, record, target, opened)
+            await self._pass_redirect(ex, opened)
         elif status >= 400:
-            await self._relay_error(send, record, api, target, resp, deadline, head=head)
-        elif api.kind is Kind.MANIFEST and not head and status == 200:
-            await self._relay_manifest(send, record, target, resp, cache_key, deadline)
+            await self._relay_error(ex, resp)
+        elif ex.api.kind is Kind.MANIFEST and not ex.head and status == 200:
+            await self._relay_manifest(ex, resp)
         else:
-            headers = response_headers(resp.headers)
-            if cache_key is not None and self.cache is not None:
-                self.cache.put(cache_key, headers, None)  # a manifest HEAD: headers only
-            if api.kind is Kind.TAGS:
-                headers.extend(self._links(resp, target))
-            headers.append(API_VERSION_HEADER)
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            if head or status in (204, 304):
-                await send({"type": "http.response.body", "body": b""})
-                return
-            in_flight = metrics.STREAMS_IN_FLIGHT.labels(target.route.name)
-            in_flight.inc()
-            # Blobs may take as long as they keep flowing; tag lists and referrers are
-            # answers like manifests, held to the deadline as a whole.
-            limit = None if api.kind is Kind.BLOB else deadline
-            try:
-                async with asyncio.timeout_at(limit):
-                    end, sent = await stream_body(send, receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
-            except TimeoutError:
-                end, sent = StreamEnd.UPSTREAM_BROKE, 0
-                metrics.upstream_error(target.route.name, "timeout")
-            finally:
-                in_flight.dec()
-            record.bytes = sent
-            if end is not StreamEnd.COMPLETE:
-                record.error = end.value
-                if end is StreamEnd.UPSTREAM_BROKE:
-                    metrics.upstream_error(target.route.name, "broken_stream")
-                    logger.warning(
-                        "upstream broke mid-body; aborting the client connection",
-                        extra={
-                            "fields": {
-                                "event": "upstream_broke",
-                                "request_id": record.request_id,
-                                "route": target.route.name,
-                                "bytes": sent,
-                            }
-                        },
-                    )
+            await self._relay_stream(ex, resp)
+
+    async def _relay_stream(self, ex: Exchange, resp: httpx.Response) -> None:
+        """Blobs, tag lists, referrers, and HEAD answers: headers now, the body as it arrives."""
+        headers = response_headers(resp.headers)
+        if ex.cache_key is not None and self.cache is not None:
+            self.cache.put(ex.cache_key, headers, None)  # a manifest HEAD: headers only
+        if ex.api.kind is Kind.TAGS:
+            headers.extend(self._links(resp, ex.target))
+        headers.append(API_VERSION_HEADER)
+        await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+        if ex.head or resp.status_code in (204, 304):
+            await ex.send({"type": "http.response.body", "body": b""})
+            return
+        in_flight = metrics.STREAMS_IN_FLIGHT.labels(ex.route_name)
+        in_flight.inc()
+        # Blobs may take as long as they keep flowing; tag lists and referrers are
+        # answers like manifests, held to the deadline as a whole.
+        limit = None if ex.api.kind is Kind.BLOB else ex.deadline
+        try:
+            async with asyncio.timeout_at(limit):
+                end, sent = await stream_body(ex.send, ex.receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+        except TimeoutError:
+            end, sent = StreamEnd.UPSTREAM_BROKE, 0
+            metrics.upstream_error(ex.route_name, "timeout")
+        finally:
+            in_flight.dec()
+        ex.record.bytes = sent
+        if end is not StreamEnd.COMPLETE:
+            ex.record.error = end.value
+            if end is StreamEnd.UPSTREAM_BROKE:
+                metrics.upstream_error(ex.route_name, "broken_stream")
+                fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
+                logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
 
     @staticmethod
     def _links(resp: httpx.Response, target: Target) -> Headers:
@@ -379,16 +372,14 @@ class Gateway:
                 out.append((b"link", rewritten.encode()))
         return out
 
-    async def _pass_redirect(self, send: Send, record: RequestRecord, target: Target, opened: Opened) -> None:
+    async def _pass_redirect(self, ex: Exchange, opened: Opened) -> None:
         """blob_redirect = "pass": the client fetches the blob from where the upstream points."""
         location = opened.response.headers.get("location")
         if not location:
             raise RegistryError(
-                502,
-                UNAVAILABLE,
-                f"upstream {target.route.name} answered {opened.response.status_code} without Location",
+                502, UNAVAILABLE, f"upstream {ex.route_name} answered {opened.response.status_code} without Location"
             )
-        record.redirect = "passed"
+        ex.record.redirect = "passed"
         try:
             # Made absolute: a relative Location is relative to the upstream, not to us.
             absolute = urljoin(opened.url, location)
@@ -397,34 +388,24 @@ class Gateway:
         except (ValueError, httpx.InvalidURL):
             absolute = ""
         if not absolute.startswith(("https://", "http://")) or not absolute.isascii():
-            raise RegistryError(502, UNAVAILABLE, f"upstream {target.route.name} redirected to an invalid URL")
+            raise RegistryError(502, UNAVAILABLE, f"upstream {ex.route_name} redirected to an invalid URL")
         headers: Headers = [(b"location", absolute.encode()), API_VERSION_HEADER]
-        await send_body(send, opened.response.status_code, headers, b"")
+        await send_body(ex.send, opened.response.status_code, headers, b"")
 
-    async def _relay_manifest(
-        self,
-        send: Send,
-        record: RequestRecord,
-        target: Target,
-        resp: httpx.Response,
-        cache_key: CacheKey | None,
-        deadline: float,
-    ) -> None:
+    async def _relay_manifest(self, ex: Exchange, resp: httpx.Response) -> None:
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(ex.deadline):
                 body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
         except TimeoutError:
-            metrics.upstream_error(target.route.name, "timeout")
-            raise RegistryError(
-                504, UNAVAILABLE, f"upstream {target.route.name} was too slow sending a manifest"
-            ) from None
+            metrics.upstream_error(ex.route_name, "timeout")
+            raise RegistryError(504, UNAVAILABLE, f"upstream {ex.route_name} was too slow sending a manifest") from None
         except httpx.HTTPError as exc:
             raise RegistryError(
-                502, UNAVAILABLE, f"upstream {target.route.name} broke while sending a manifest: {type(exc).__name__}"
+                502, UNAVAILABLE, f"upstream {ex.route_name} broke while sending a manifest: {type(exc).__name__}"
             ) from None
         if body is None:
             raise RegistryError(
-                502, UNAVAILABLE, f"upstream {target.route.name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
+                502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
             )
         headers = response_headers(resp.headers)
         if "docker-content-digest" not in resp.headers and "content-encoding" not in resp.headers:
@@ -432,43 +413,34 @@ class Gateway:
             # omit it. The digest is over the exact bytes, which we hold.
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
             headers.append((b"docker-content-digest", digest.encode()))
-        if cache_key is not None and self.cache is not None:
-            self.cache.put(cache_key, [(k, v) for k, v in headers if k != b"content-length"], body)
+        if ex.cache_key is not None and self.cache is not None:
+            self.cache.put(ex.cache_key, [(k, v) for k, v in headers if k != b"content-length"], body)
         headers.append(API_VERSION_HEADER)
-        record.bytes = len(body)
-        await send_body(send, 200, headers, body)
+        ex.record.bytes = len(body)
+        await send_body(ex.send, 200, headers, body)
 
     async def _relay_error(
-        self,
-        send: Send,
-        record: RequestRecord,
-        api: ApiPath,
-        target: Target,
-        resp: httpx.Response,
-        deadline: float,
-        *,
-        head: bool,
-        extra: Sequence[tuple[bytes, bytes]] = (),
+        self, ex: Exchange, resp: httpx.Response, *, extra: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
         """Upstream errors keep their status; a registry JSON body passes as is, anything else is wrapped."""
         status = resp.status_code
         if status >= 500:
-            metrics.upstream_error(target.route.name, "status_5xx")
+            metrics.upstream_error(ex.route_name, "status_5xx")
         body: bytes | None = None
-        if not head:
+        if not ex.head:
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(ex.deadline):
                     body = await read_capped(resp, MAX_ERROR_BODY)
             except (httpx.HTTPError, TimeoutError):
                 body = None
-        headers: Headers = [(k, v) for k, v in response_headers(resp.headers, ERROR_RESPONSE_HEADERS)]
+        headers = response_headers(resp.headers, ERROR_RESPONSE_HEADERS)
         if status == 416 and "content-range" in resp.headers:
             headers.append((b"content-range", resp.headers["content-range"].encode()))
         headers.extend([API_VERSION_HEADER, JSON_CONTENT_TYPE, *extra])
         if body is None or not is_registry_error_body(body):
-            code = code_for_status(status, api.kind.value)
-            body = error_body(code, f"upstream {target.route.name} answered {status} {resp.reason_phrase}".strip())
-            record.error = code
+            code = code_for_status(status, ex.api.kind.value)
+            body = error_body(code, f"upstream {ex.route_name} answered {status} {resp.reason_phrase}".strip())
+            ex.record.error = code
         else:
-            record.error = "upstream"
-        await send_body(send, status, headers, body, head=head)
+            ex.record.error = "upstream"
+        await send_body(ex.send, status, headers, body, head=ex.head)
