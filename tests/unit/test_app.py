@@ -498,7 +498,7 @@ async def test_metrics_count_requests_bytes_tokens_and_redirects(client, fake):
 
     assert delta("registry_gateway_requests_total", route="docker.io", kind="manifest", method="GET", status="200") == 2
     assert delta("registry_gateway_requests_total", route="docker.io", kind="blob", method="GET", status="200") == 1
-    assert delta("registry_gateway_requests_total", route="-", kind="manifest", status="404") == 1
+    assert delta("registry_gateway_requests_total", route="-", kind="manifest", method="GET", status="404") == 1
     assert delta("registry_gateway_response_bytes_total", route="docker.io", kind="blob") == len(BLOB)
     assert delta("registry_gateway_token_fetches_total", result="ok") == 1
     assert delta("registry_gateway_token_cache_hits_total") >= 2
