@@ -173,30 +173,19 @@ def basic_authorization(credentials: Credentials) -> str:
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
-async def fetch_token(
-    http: httpx.AsyncClient,
-    key: TokenKey,
-    credentials: Credentials | None,
-    *,
-    timeout: float,
-    wall_clock: Callable[[], float] = time.time,
-) -> Token:
-    """One token request to ``key.realm``, all of it within ``timeout`` seconds.
+Params = list[tuple[str, str | int | float | bool | None]]
 
-    Every failure becomes a RegistryError naming the realm. The deadline covers the
-    whole exchange, body included: a realm that trickles its answer byte by byte
-    (each read inside httpx's per-read timeout) still cannot hold a request forever.
+
+async def token_request(
+    http: httpx.AsyncClient, realm: str, params: Params, headers: dict[str, str], *, timeout: float
+) -> tuple[httpx.Response, bytes]:
+    """GET a token realm; its answer and whole body, all within ``timeout`` seconds.
+
+    The deadline covers the body too: a realm that trickles its answer byte by byte (each
+    read inside httpx's per-read timeout) still cannot hold a request forever. The body is
+    capped at MAX_TOKEN_BODY. Every failure becomes a RegistryError naming the realm;
+    the caller judges the status.
     """
-    params: list[tuple[str, str | int | float | bool | None]] = []
-    if key.service:
-        params.append(("service", key.service))
-    params.extend(("scope", scope) for scope in key.scopes)
-    # identity: the answer is read and capped here, never inflated by a decoder first.
-    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
-    if credentials is not None:
-        headers["Authorization"] = basic_authorization(credentials)
-        params.append(("account", credentials.username))
-    realm = key.realm
     try:
         async with asyncio.timeout(timeout), http.stream("GET", realm, params=params, headers=headers) as resp:
             body = await read_capped(resp, MAX_TOKEN_BODY)
@@ -217,6 +206,29 @@ async def fetch_token(
         raise RegistryError(502, UNAVAILABLE, "the upstream named a token endpoint that is not a valid URL") from None
     if body is None:
         raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm} sent an oversized answer")
+    return resp, body
+
+
+async def fetch_token(
+    http: httpx.AsyncClient,
+    key: TokenKey,
+    credentials: Credentials | None,
+    *,
+    timeout: float,
+    wall_clock: Callable[[], float] = time.time,
+) -> Token:
+    """One token for ``key``: asked with the route's credentials, or anonymously."""
+    params: Params = []
+    if key.service:
+        params.append(("service", key.service))
+    params.extend(("scope", scope) for scope in key.scopes)
+    # identity: the answer is read and capped here, never inflated by a decoder first.
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    if credentials is not None:
+        headers["Authorization"] = basic_authorization(credentials)
+        params.append(("account", credentials.username))
+    realm = key.realm
+    resp, body = await token_request(http, realm, params, headers, timeout=timeout)
     if resp.status_code == 200:
         return parse_token_answer(body, wall_clock())
     if resp.status_code in (401, 403):

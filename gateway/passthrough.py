@@ -23,21 +23,17 @@ or the tokens they buy; it only translates names:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
-import httpx
-
 from gateway.asgi import API_VERSION_HEADER, JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body
+from gateway.auth import Params, token_request
 from gateway.errors import UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
-from gateway.httputil import read_capped
 from gateway.log import record_of
 from gateway.routes import Route, RouteTable
 from gateway.upstream import UpstreamClient
 
 TOKEN_PATH = "/auth/token"
-MAX_TOKEN_ANSWER = 1 << 20
 
 
 def realm_for(scope: Scope) -> str:
@@ -112,20 +108,7 @@ class TokenRelay:
                 raise RegistryError(401, UNAUTHORIZED, "malformed Authorization header")
             headers["authorization"] = authorization
         assert challenge.realm is not None
-        try:
-            async with (
-                asyncio.timeout(self.timeout),
-                client.http.stream("GET", challenge.realm, params=forward, headers=headers) as resp,
-            ):
-                body = await read_capped(resp, MAX_TOKEN_ANSWER)
-        except (httpx.TimeoutException, TimeoutError):
-            raise RegistryError(504, UNAVAILABLE, f"the token endpoint of {route.name} timed out") from None
-        except httpx.HTTPError as exc:
-            raise RegistryError(
-                502, UNAVAILABLE, f"the token endpoint of {route.name} is unreachable: {type(exc).__name__}"
-            ) from None
-        if body is None:
-            raise RegistryError(502, UNAVAILABLE, f"the token endpoint of {route.name} sent an oversized answer")
+        resp, body = await token_request(client.http, challenge.realm, forward, headers, timeout=self.timeout)
         if resp.status_code == 200:
             await send_body(send, 200, [JSON_CONTENT_TYPE, (b"cache-control", b"no-store")], body)
             return
@@ -147,10 +130,8 @@ class TokenRelay:
             raise RegistryError(404, UNSUPPORTED, f"no route passes logins through for service {service[:100]!r}")
         return route
 
-    def _upstream_params(
-        self, route: Route, service: str | None, params: list[tuple[str, str]]
-    ) -> list[tuple[str, str | int | float | bool | None]]:
-        forward: list[tuple[str, str | int | float | bool | None]] = []
+    def _upstream_params(self, route: Route, service: str | None, params: list[tuple[str, str]]) -> Params:
+        forward: Params = []
         if service:
             forward.append(("service", service))
         for key, value in params:
