@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 import time
 import typing
@@ -43,6 +44,12 @@ HIGH_WATER = 1 << 20
 LOW_WATER = 256 << 10
 MAX_HEAD = 64 << 10  # status line + headers
 MAX_CHUNK_LINE = 4096
+
+
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context for every route: each loads the whole CA bundle (about 1 MiB)."""
+    return httpx.create_ssl_context(trust_env=True)
 
 
 class _ProtocolError(Exception):
@@ -361,7 +368,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         )
         self._trusted = {(h.lower(), p) for h, p in trusted_hosts}
         self._allow_private = allow_private
-        self._ssl = ssl_context or httpx.create_ssl_context(trust_env=True)
+        self._ssl = ssl_context or shared_ssl_context()
 
     async def aclose(self) -> None:
         self._pool.close_all()

@@ -45,7 +45,7 @@ from gateway.httputil import REDIRECT_STATUSES, origin_of
 from gateway.netguard import REFUSED, GuardedBackend
 from gateway.policy import TargetRefused, check_target
 from gateway.routes import Credentials, Route, Upstream
-from gateway.transport import LeanTransport
+from gateway.transport import LeanTransport, shared_ssl_context
 
 USER_AGENT = f"registry-gateway/{__version__}"
 _REPO_IN_PATH_RE = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
@@ -107,7 +107,7 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
     def __init__(self, backend: GuardedBackend, limits: httpx.Limits) -> None:
         super().__init__(limits=limits)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=True),
+            ssl_context=shared_ssl_context(),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
