@@ -225,12 +225,11 @@ class Gateway:
                 raise passthrough.unauthorized(scope, route, target.client_path_name)
             await self._from_upstream(ex, query, client_authorization)
         elif api.kind is Kind.MANIFEST and self.cache is not None:
-            key: CacheKey = (
-                route.name,
-                target.upstream_name,
-                api.reference,
-                normalise_accept(header_value(scope, b"accept")),
-            )
+            # Every Accept header counts: Docker sends one per media type, and a client that
+            # accepts only a single manifest type gets another answer (a list converted to
+            # one manifest) that must never be served to one that accepts lists.
+            accept = b", ".join(v for k, v in scope["headers"] if k == b"accept").decode("latin-1")
+            key: CacheKey = (route.name, target.upstream_name, api.reference, normalise_accept(accept))
             if await self._from_cache(ex, key):
                 return
             async with self.cache.flight(key) as leader:

@@ -194,3 +194,23 @@ def test_module_documents_the_defaults():
     doc = manifest_cache.__doc__ or ""
     assert "30 by" in doc
     assert "one hour" in doc
+
+
+async def test_every_accept_header_is_part_of_the_key():
+    """Docker sends one Accept per type; a narrower client must not share its answer (a converted list)."""
+
+    def by_accept(request):
+        if "/manifests/" in request.url.path and "authorization" in request.headers:
+            kind = LIST if LIST in request.headers.get("accept", "") else OCI
+            return response(200, kind.encode(), {"content-type": kind})
+        return None
+
+    fake = FakeRegistry()
+    fake.override = by_accept
+    async with client_for(fake) as client:
+        narrow = await client.get("/v2/busybox/manifests/1.36", headers={"accept": OCI})
+        docker = await client.get("/v2/busybox/manifests/1.36", headers=[("accept", OCI), ("accept", LIST)])
+        docker_again = await client.get("/v2/busybox/manifests/1.36", headers=[("accept", OCI), ("accept", LIST)])
+    assert narrow.content == OCI.encode()
+    assert docker.content == docker_again.content == LIST.encode()
+    assert len(manifest_requests(fake)) == 2
