@@ -71,7 +71,6 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: typing.TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

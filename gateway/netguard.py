@@ -28,13 +28,36 @@ class AddressRefused(httpcore.ConnectError):
     pass
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Delegates to httpcore's default backend after checking where a name resolves."""
+class AddressGuard:
+    """Which hosts may be reached by name, and the check for every other one."""
 
     def __init__(self, trusted_hosts: Collection[tuple[str, int]], allow_private: bool) -> None:
-        self._inner = httpcore.AnyIOBackend()
         self._trusted = {(h.lower(), p) for h, p in trusted_hosts}
         self._allow_private = allow_private
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to: resolved here, and all public unless the host is trusted.
+
+        Raises OSError when the name does not resolve, AddressRefused when any address is not
+        public (one private address among public ones is enough for a rebinding attack).
+        """
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not addresses:
+            raise OSError(f"{host} has no address")
+        if self._allow_private or (host.lower(), port) in self._trusted:
+            return addresses
+        if not all(is_public_address(a) for a in addresses):
+            raise AddressRefused(f"{REFUSED}: {host} resolves to a non-public address")
+        return addresses
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's default backend, connecting only to addresses the guard returned."""
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._guard = guard
 
     async def connect_tcp(
         self,
@@ -44,17 +67,10 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[typing.Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        if self._allow_private or (host.lower(), port) in self._trusted:
-            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
         try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
-            )
+            addresses = await asyncio.wait_for(self._guard.addresses(host, port), timeout)
         except (OSError, TimeoutError) as exc:
             raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not addresses or not all(is_public_address(a) for a in addresses):
-            raise AddressRefused(f"{REFUSED}: {host} resolves to a non-public address")
         last: Exception | None = None
         for address in addresses:
             try:

@@ -42,7 +42,6 @@ _ALGORITHM = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*"
 _ENCODED = r"[a-zA-Z0-9=_-]+"
 
 NAME_RE = re.compile(rf"{_NAME}\Z")
-COMPONENT_RE = re.compile(rf"{_COMPONENT}\Z")
 TAG_RE = re.compile(rf"{_TAG}\Z")
 DIGEST_RE = re.compile(rf"({_ALGORITHM}):({_ENCODED})\Z")
 
@@ -61,7 +60,6 @@ class Kind(StrEnum):
     TAGS = "tags"
     REFERRERS = "referrers"
     UPLOAD = "upload"
-    CATALOG = "catalog"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ keep-alive pool per origin. TLS uses the same certificate verification as httpx
 (``SSL_CERT_FILE`` honoured). Egress proxies from the environment keep using httpx's
 own transport (httpx mounts them before this one is consulted).
 
-Connections are made to an address the caller's guard has checked (``policy.py``):
-names are resolved here, every address must pass, and TLS still verifies the
-certificate against the host name.
+Connections are made to an address the route's ``AddressGuard`` returned
+(``netguard.py``): names are resolved there, every address must pass, and TLS still
+verifies the certificate against the host name.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import functools
 import ssl
 import time
 import typing
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from gateway.netguard import REFUSED
-from gateway.policy import is_public_address
+from gateway.netguard import AddressGuard, AddressRefused
 
 # Reading pauses when this much received body waits for the client; resumes below LOW_WATER.
 HIGH_WATER = 1 << 20
@@ -357,8 +356,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self,
         *,
         limits: httpx.Limits,
-        trusted_hosts: Collection[tuple[str, int]] = (),
-        allow_private: bool = True,
+        guard: AddressGuard | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._pool = _Pool(
@@ -366,8 +364,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             limits.max_keepalive_connections if limits.max_keepalive_connections is not None else 100,
             limits.keepalive_expiry if limits.keepalive_expiry is not None else 60.0,
         )
-        self._trusted = {(h.lower(), p) for h, p in trusted_hosts}
-        self._allow_private = allow_private
+        self._guard = guard or AddressGuard((), allow_private=True)
         self._ssl = ssl_context or shared_ssl_context()
 
     async def aclose(self) -> None:
@@ -455,7 +452,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                addresses = await self._addresses(request, host, port)
+                try:
+                    addresses = await self._guard.addresses(host, port)
+                except AddressRefused as exc:
+                    raise httpx.ConnectError(str(exc), request=request) from None
+                except OSError as exc:
+                    raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
                 last: Exception | None = None
                 for address in addresses:
                     try:
@@ -474,20 +476,6 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out", request=request) from None
         except ssl.SSLError as exc:
             raise httpx.ConnectError(f"TLS with {host} failed: {exc.reason}", request=request) from None
-
-    async def _addresses(self, request: httpx.Request, host: str, port: int) -> list[str]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=0, proto=6)
-        except OSError as exc:
-            raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not addresses:
-            raise httpx.ConnectError(f"cannot resolve {host}", request=request)
-        guarded = not self._allow_private and (host.lower(), port) not in self._trusted
-        if guarded and not all(is_public_address(a) for a in addresses):
-            raise httpx.ConnectError(f"{REFUSED}: {host} resolves to a non-public address", request=request)
-        return addresses
 
     @staticmethod
     async def _read_head(conn: _Connection, timeout: float | None) -> tuple[_Head, bytes]:

@@ -42,7 +42,7 @@ from gateway.auth import Token, TokenCache, TokenKey, basic_authorization, fetch
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import UNAVAILABLE, RegistryError
 from gateway.httputil import REDIRECT_STATUSES, origin_of
-from gateway.netguard import REFUSED, GuardedBackend
+from gateway.netguard import REFUSED, AddressGuard, GuardedBackend
 from gateway.policy import TargetRefused, check_target
 from gateway.routes import Credentials, Route, Upstream
 from gateway.transport import LeanTransport, shared_ssl_context
@@ -125,12 +125,10 @@ def _httpx_limits(limits: PoolLimits) -> httpx.Limits:
 
 def new_transport(route: Route, limits: PoolLimits, kind: str = "lean") -> httpx.AsyncBaseTransport:
     """The route's upstream transport, with its address guard: ``lean`` or httpx's own."""
-    trusted = [(u.host, u.port) for u in route.upstreams]
+    guard = AddressGuard([(u.host, u.port) for u in route.upstreams], route.allow_private_addresses)
     if kind == "lean":
-        return LeanTransport(
-            limits=_httpx_limits(limits), trusted_hosts=trusted, allow_private=route.allow_private_addresses
-        )
-    return _GuardedTransport(GuardedBackend(trusted, route.allow_private_addresses), _httpx_limits(limits))
+        return LeanTransport(limits=_httpx_limits(limits), guard=guard)
+    return _GuardedTransport(GuardedBackend(guard), _httpx_limits(limits))
 
 
 def new_http_client(

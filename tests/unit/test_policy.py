@@ -3,7 +3,7 @@ import asyncio
 import httpcore
 import pytest
 
-from gateway.netguard import AddressRefused, GuardedBackend
+from gateway.netguard import AddressGuard, AddressRefused, GuardedBackend
 from gateway.policy import TargetRefused, check_target, is_public_address
 
 TRUSTED = {("https", "registry-1.docker.io", 443), ("http", "10.0.0.5", 5000)}
@@ -66,7 +66,7 @@ def test_is_public_address(address, public):
 
 
 async def test_guard_refuses_names_that_resolve_to_private_addresses():
-    guard = GuardedBackend(trusted_hosts=[], allow_private=False)
+    guard = GuardedBackend(AddressGuard([], allow_private=False))
     with pytest.raises(AddressRefused, match="localhost resolves to a non-public address"):
         await guard.connect_tcp("localhost", 80, timeout=2)
 
@@ -75,11 +75,16 @@ async def test_guard_allows_trusted_hosts_and_opt_in():
     server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        for guard in (GuardedBackend([("127.0.0.1", port)], False), GuardedBackend([], True)):
+        for guard in (
+            GuardedBackend(AddressGuard([("127.0.0.1", port)], False)),
+            GuardedBackend(AddressGuard([], True)),
+        ):
             stream = await guard.connect_tcp("127.0.0.1", port, timeout=2)
             await stream.aclose()
         with pytest.raises(httpcore.ConnectError):
-            await GuardedBackend([("127.0.0.1", port + 1)], False).connect_tcp("127.0.0.1", port, timeout=2)
+            await GuardedBackend(AddressGuard([("127.0.0.1", port + 1)], False)).connect_tcp(
+                "127.0.0.1", port, timeout=2
+            )
     finally:
         server.close()
         await server.wait_closed()

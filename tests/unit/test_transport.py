@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
+from gateway.netguard import AddressGuard
 from gateway.transport import HIGH_WATER, LeanTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -46,7 +47,7 @@ class Server:
 
 
 def client(**limits: int) -> httpx.AsyncClient:
-    transport = LeanTransport(limits=httpx.Limits(**limits), allow_private=True)
+    transport = LeanTransport(limits=httpx.Limits(**limits))
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0))
 
 
@@ -209,7 +210,7 @@ async def test_silence_is_a_read_timeout_and_refusal_a_connect_error():
         await reader.read()
 
     async with Server(silent) as url:
-        transport = LeanTransport(limits=httpx.Limits(), allow_private=True)
+        transport = LeanTransport(limits=httpx.Limits())
         async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3)) as c:
             with pytest.raises(httpx.ReadTimeout):
                 await c.get(url)
@@ -219,7 +220,7 @@ async def test_silence_is_a_read_timeout_and_refusal_a_connect_error():
 
 
 async def test_the_address_guard():
-    transport = LeanTransport(limits=httpx.Limits(), allow_private=False, trusted_hosts=[("127.0.0.1", 1)])
+    transport = LeanTransport(limits=httpx.Limits(), guard=AddressGuard([("127.0.0.1", 1)], allow_private=False))
     async with httpx.AsyncClient(transport=transport) as c:
         with pytest.raises(httpx.ConnectError, match="address policy"):
             await c.get("http://localhost:8/")
@@ -241,7 +242,7 @@ async def test_pool_limit_waits_then_times_out():
         await writer.drain()
 
     async with Server(slow) as url:
-        transport = LeanTransport(limits=httpx.Limits(max_connections=1), allow_private=True)
+        transport = LeanTransport(limits=httpx.Limits(max_connections=1))
         async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=0.2)) as c:
             first = asyncio.ensure_future(c.get(url))
             await asyncio.sleep(0.1)
