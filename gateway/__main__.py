@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ[f"GATEWAY_{name.upper()}"] = str(value)
 
     from gateway.app import check_settings
+    from gateway.errors import ConfigError
     from gateway.log import configure_logging
-    from gateway.routes import ConfigError, load_routes
+    from gateway.routes_file import load_routes
     from gateway.settings import Settings
 
     try:

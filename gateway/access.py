@@ -34,11 +34,10 @@ from pathlib import Path
 
 import bcrypt
 
-from gateway.asgi import API_VERSION_HEADER, JSON_CONTENT_TYPE, ASGIApp, Receive, Scope, Send, header_value, send_body
-from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, error_body
+from gateway.asgi import ASGIApp, Receive, Scope, Send, header_value, send_error
+from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, ConfigError, RegistryError
 from gateway.log import record_of
-from gateway.passthrough import TOKEN_PATH
-from gateway.routes import ConfigError
+from gateway.reference import is_registry_path
 
 REALM = "registry-gateway"
 _CACHE_SECONDS = 300.0
@@ -143,9 +142,7 @@ class AccessControl:
         self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        guarded = scope["type"] == "http" and (path == "/v2" or path.startswith("/v2/") or path == TOKEN_PATH)
-        if not guarded:
+        if scope["type"] != "http" or not is_registry_path(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         head = scope["method"] == "HEAD"
@@ -154,21 +151,25 @@ class AccessControl:
             wait = self.limiter.take(client[0] if client else "-")
             if wait > 0:
                 record_of(scope).error = TOOMANYREQUESTS
-                headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE, (b"retry-after", str(math.ceil(wait)).encode())]
-                body = error_body(TOOMANYREQUESTS, "too many requests from this address; slow down")
-                await send_body(send, 429, headers, body, head=head)
+                limited = RegistryError(
+                    429,
+                    TOOMANYREQUESTS,
+                    "too many requests from this address; slow down",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
+                await send_error(send, limited, head=head)
                 return
         if self.auth is not None:
             user = await self.auth.authenticate(header_value(scope, b"authorization"))
             if user is None:
                 record_of(scope).error = UNAUTHORIZED
-                headers = [
-                    API_VERSION_HEADER,
-                    JSON_CONTENT_TYPE,
-                    (b"www-authenticate", f'Basic realm="{REALM}", charset="UTF-8"'.encode()),
-                ]
-                body = error_body(UNAUTHORIZED, "authentication required: log in to this gateway")
-                await send_body(send, 401, headers, body, head=head)
+                refused = RegistryError(
+                    401,
+                    UNAUTHORIZED,
+                    "authentication required: log in to this gateway",
+                    headers={"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+                )
+                await send_error(send, refused, head=head)
                 return
             record_of(scope).user = user
         await self.app(scope, receive, send)

@@ -18,32 +18,36 @@ from starlette.routing import Route
 
 from gateway import metrics
 from gateway.access import AccessControl, ClientAuth, RateLimiter
-from gateway.asgi import ASGIApp, Receive, Scope, Send
-from gateway.auth import TokenCache
-from gateway.errors import UNSUPPORTED, error_body
+from gateway.asgi import ASGIApp, Receive, Scope, Send, error_headers
+from gateway.authorizer import authorizer_for
+from gateway.breaker import Breaker
+from gateway.egress import route_transport
+from gateway.errors import UNSUPPORTED, ConfigError, RegistryError
 from gateway.forwarded import ForwardedHeadersMiddleware
 from gateway.log import AccessLogMiddleware, configure_logging
 from gateway.manifest_cache import ManifestCache
-from gateway.passthrough import TOKEN_PATH, TokenRelay
-from gateway.proxy import Gateway
-from gateway.routes import ConfigError, RouteTable, load_routes
+from gateway.passthrough import TokenRelay
+from gateway.proxy import Relay
+from gateway.reference import TOKEN_PATH, is_api_path
+from gateway.routes import RouteTable
+from gateway.routes_file import load_routes
 from gateway.settings import Settings
-from gateway.transport import LeanTransport
-from gateway.upstream import Breaker, UpstreamClient, new_http_client, new_transport
+from gateway.tokens import TokenCache
+from gateway.upstream import UpstreamClient
 
 
 class App:
     """Dispatch on the path: the registry API and the token relay are raw ASGI, the rest is starlette."""
 
-    def __init__(self, gateway: Gateway, tokens: TokenRelay, other: ASGIApp) -> None:
-        self.gateway = gateway
+    def __init__(self, relay: Relay, tokens: TokenRelay, other: ASGIApp) -> None:
+        self.relay = relay
         self.tokens = tokens
         self.other = other
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and (path == "/v2" or path.startswith("/v2/")):
-            await self.gateway(scope, receive, send)
+        if scope["type"] == "http" and is_api_path(path):
+            await self.relay(scope, receive, send)
         elif scope["type"] == "http" and path == TOKEN_PATH:
             await self.tokens(scope, receive, send)
         else:
@@ -52,25 +56,27 @@ class App:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
-    message = "not found" if status == 404 else "method not allowed"
-    return Response(error_body(UNSUPPORTED, message), status_code=status, media_type="application/json")
+    error = RegistryError(status, UNSUPPORTED, "not found" if status == 404 else "method not allowed")
+    headers = error_headers(error)
+    return Response(error.body(), status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
 def build_clients(
     table: RouteTable, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
 ) -> dict[str, UpstreamClient]:
+    """One UpstreamClient per route; ``transport`` replaces every route's own (the in-process tests)."""
     tokens = TokenCache()
+    timeouts = settings.timeouts()
     clients: dict[str, UpstreamClient] = {}
     for route in table.routes:
-        route_transport = transport or new_transport(route, settings.pool_limits(), settings.upstream_transport)
+        wire = transport or route_transport(route, settings.pool_limits(), settings.upstream_transport)
         clients[route.name] = UpstreamClient(
             route,
-            new_http_client(settings.timeouts(), settings.pool_limits(), route_transport),
-            tokens,
-            timeouts=settings.timeouts(),
+            wire,
+            authorizer_for(route, tokens, wire, timeouts),
+            timeouts=timeouts,
             max_redirects=settings.max_redirects,
             breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
-            direct=route_transport if isinstance(route_transport, LeanTransport) else None,
         )
     return clients
 
@@ -86,16 +92,17 @@ def worker_app() -> ASGIApp:
     return create_app(settings)
 
 
-def check_settings(settings: Settings, table: RouteTable) -> None:
-    """Settings that contradict the routes: raise ConfigError with one line."""
-    if settings.client_auth_enabled:
-        for route in table.routes:
-            if route.auth == "passthrough":
-                raise ConfigError(
-                    f'route {route.name!r} passes logins through (auth = "passthrough"), which cannot be combined '
-                    "with GATEWAY_HTPASSWD / GATEWAY_AUTH_TOKENS_FILE: both use the client's Authorization header"
-                )
-        ClientAuth(settings.htpasswd, settings.auth_tokens_file)  # parse errors surface at start-up
+def check_settings(settings: Settings, table: RouteTable) -> ClientAuth | None:
+    """Settings that contradict the routes raise ConfigError with one line; returns the parsed client logins."""
+    if not settings.client_auth_enabled:
+        return None
+    for route in table.routes:
+        if route.auth.uses_client_logins:
+            raise ConfigError(
+                f'route {route.name!r} passes logins through (auth = "passthrough"), which cannot be combined '
+                "with GATEWAY_HTPASSWD / GATEWAY_AUTH_TOKENS_FILE: both use the client's Authorization header"
+            )
+    return ClientAuth(settings.htpasswd, settings.auth_tokens_file)  # parse errors surface at start-up
 
 
 def create_app(
@@ -106,6 +113,8 @@ def create_app(
 ) -> ASGIApp:
     settings = settings or Settings()
     table = table or load_routes(settings.routes)
+    # Everything that can be refused is checked before anything is built (connection pools).
+    auth = check_settings(settings, table)
     clients = build_clients(table, settings, transport)
     cache = None
     if settings.manifest_cache_bytes > 0:
@@ -114,7 +123,7 @@ def create_app(
             tag_ttl=settings.manifest_cache_tag_ttl,
             digest_ttl=settings.manifest_cache_digest_ttl,
         )
-    gateway = Gateway(table, clients, cache)
+    relay = Relay(table, clients, cache)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -143,11 +152,8 @@ def create_app(
         exception_handlers={404: _not_found, 405: _not_found},
         lifespan=lifespan,
     )
-    relay = TokenRelay(table, clients, timeout=settings.token_timeout)
-    check_settings(settings, table)
-    auth = ClientAuth(settings.htpasswd, settings.auth_tokens_file) if settings.client_auth_enabled else None
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
-    inner: ASGIApp = App(gateway, relay, other)
+    inner: ASGIApp = App(relay, TokenRelay(table, clients), other)
     if auth is not None or limiter is not None:
         inner = AccessControl(inner, limiter=limiter, auth=auth)
     app = AccessLogMiddleware(inner, observers=[metrics.observe])

@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from enum import StrEnum
 from typing import Any
 
+from gateway.errors import RegistryError
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -42,6 +44,18 @@ async def send_body(send: Send, status: int, headers: Headers, body: bytes, *, h
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def error_headers(exc: RegistryError) -> Headers:
+    """The headers of a registry error answer: the API version, JSON, and the error's own."""
+    headers: Headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
+    return headers
+
+
+async def send_error(send: Send, exc: RegistryError, *, head: bool = False) -> None:
+    """The one way an error is answered: registry JSON with its status (body omitted for HEAD)."""
+    await send_body(send, exc.status, error_headers(exc), exc.body(), head=head)
 
 
 async def send_json(send: Send, status: int, doc: Any, headers: Headers | None = None, *, head: bool = False) -> None:

@@ -39,6 +39,11 @@ TOOMANYREQUESTS = "TOOMANYREQUESTS"
 UNAVAILABLE = "UNAVAILABLE"
 UNKNOWN = "UNKNOWN"
 RANGE_INVALID = "RANGE_INVALID"  # distribution errcode: 416 for an unsatisfiable Range
+PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"  # distribution errcode: a bad ``n`` on tags/list
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as one line: ``<file>: <where>: <reason>``."""
 
 
 class RegistryError(Exception):
@@ -53,6 +58,7 @@ class RegistryError(Exception):
         headers: dict[str, str] | None = None,
         *,
         retryable: bool = False,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -63,12 +69,31 @@ class RegistryError(Exception):
         # The upstream could not be reached or did not answer in time: another upstream
         # of the route may do better (failover), and the circuit breaker counts it.
         self.retryable = retryable
+        # The failure class of an upstream problem (timeout, connect, policy, protocol, ...):
+        # the ``reason`` label of registry_gateway_upstream_errors_total. Set where the
+        # failure is mapped (upstream_errors.py), counted by whoever knows the route.
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"RegistryError(status={self.status!r}, code={self.code!r}, message={self.message!r})"
 
     def body(self) -> bytes:
         return error_body(self.code, self.message, self.detail)
+
+
+class LoginRequired(RegistryError):
+    """401: the client must log in to the gateway with its own upstream credentials (passthrough routes).
+
+    The relay adds the gateway's challenge (``passthrough.challenge_header``): its realm is
+    built from the request's own scheme and host, which only the relay knows.
+    """
+
+    def __init__(self, service: str, repository: str | None) -> None:
+        super().__init__(
+            401, UNAUTHORIZED, f"authentication required: log in to this gateway with your {service} credentials"
+        )
+        self.service = service
+        self.repository = repository
 
 
 def error_body(code: str, message: str, detail: Any = None) -> bytes:

@@ -63,19 +63,6 @@ ERROR_RESPONSE_HEADERS = RATE_LIMIT_HEADERS
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-def origin_of(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of an absolute URL: what "same origin" compares."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = 443 if scheme == "https" else 80
-    return (scheme, (parts.hostname or "").lower(), port)
-
-
 def response_headers(
     headers: httpx.Headers, allowed: frozenset[str] = FORWARD_RESPONSE_HEADERS
 ) -> list[tuple[bytes, bytes]]:

@@ -65,8 +65,9 @@ STREAMS_IN_FLIGHT = Gauge(
 )
 UPSTREAM_ERRORS = Counter(
     "registry_gateway_upstream_errors",
-    "Upstream failures by route and kind: connect, timeout, protocol, redirects, token, broken_stream, status_5xx.",
-    ["route", "kind"],
+    "Upstream failures by route and reason: connect, timeout, protocol, policy, redirects, token, broken_stream, "
+    "status_5xx.",
+    ["route", "reason"],
 )
 REDIRECTS = Counter(
     "registry_gateway_redirects",
@@ -99,8 +100,9 @@ def observe(record: RequestRecord, seconds: float) -> None:
         MANIFEST_CACHE.labels(route, record.cache).inc()
 
 
-def upstream_error(route: str, kind: str) -> None:
-    UPSTREAM_ERRORS.labels(route, kind).inc()
+def upstream_error(route: str, reason: str) -> None:
+    """Count one upstream failure; ``reason`` is its class (``upstream_errors.py`` names most of them)."""
+    UPSTREAM_ERRORS.labels(route, reason).inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -26,14 +26,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
-from gateway.asgi import API_VERSION_HEADER, JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body
-from gateway.auth import Params, token_request
-from gateway.errors import UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
+from gateway.asgi import JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body, send_error
+from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
 from gateway.log import record_of
+from gateway.reference import TOKEN_PATH
 from gateway.routes import Route, RouteTable
+from gateway.tokens import Params, token_request
 from gateway.upstream import UpstreamClient
-
-TOKEN_PATH = "/auth/token"
 
 
 def realm_for(scope: Scope) -> str:
@@ -41,22 +40,12 @@ def realm_for(scope: Scope) -> str:
     return f"{scope.get('scheme', 'http')}://{host}{TOKEN_PATH}"
 
 
-def challenge_header(scope: Scope, route: Route, repository: str | None) -> tuple[bytes, bytes]:
-    value = f'Bearer realm="{realm_for(scope)}",service="{route.name}"'
+def challenge_header(scope: Scope, service: str, repository: str | None) -> tuple[bytes, bytes]:
+    """The gateway's own challenge: its token endpoint on the host the client used, the route as service."""
+    value = f'Bearer realm="{realm_for(scope)}",service="{service}"'
     if repository:
         value += f',scope="repository:{repository}:pull"'
     return (b"www-authenticate", value.encode())
-
-
-def unauthorized(scope: Scope, route: Route, repository: str | None) -> RegistryError:
-    """A 401 carrying the gateway's challenge."""
-    name, value = challenge_header(scope, route, repository)
-    return RegistryError(
-        401,
-        UNAUTHORIZED,
-        f"authentication required: log in to this gateway with your {route.name} credentials",
-        headers={name.decode(): value.decode()},
-    )
 
 
 def rewrite_scope(table: RouteTable, route: Route, scope: str) -> str | None:
@@ -68,18 +57,15 @@ def rewrite_scope(table: RouteTable, route: Route, scope: str) -> str | None:
     name, sep2, _actions = rest.rpartition(":")
     if kind != "repository" or not sep or not sep2 or not name:
         return None
-    _, bare = table.strip_prefix(route, name)
-    target = table.target_in(route, bare)
-    return f"repository:{target.upstream_name}:pull"
+    return f"repository:{table.target_on(route, name).upstream_name}:pull"
 
 
 class TokenRelay:
     """The gateway's token endpoint for passthrough routes."""
 
-    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient], *, timeout: float) -> None:
+    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient]) -> None:
         self.table = table
         self.clients = clients
-        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
@@ -88,9 +74,7 @@ class TokenRelay:
             await self._handle(scope, send)
         except RegistryError as exc:
             record.error = exc.code
-            headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
-            headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
-            await send_body(send, exc.status, headers, exc.body())
+            await send_error(send, exc, head=scope["method"] == "HEAD")
 
     async def _handle(self, scope: Scope, send: Send) -> None:
         if scope["method"] != "GET":
@@ -108,14 +92,14 @@ class TokenRelay:
                 raise RegistryError(401, UNAUTHORIZED, "malformed Authorization header")
             headers["authorization"] = authorization
         assert challenge.realm is not None
-        resp, body = await token_request(client.http, challenge.realm, forward, headers, timeout=self.timeout)
+        resp, body = await token_request(client.transport, challenge.realm, forward, headers, timeouts=client.timeouts)
         if resp.status_code == 200:
             await send_body(send, 200, [JSON_CONTENT_TYPE, (b"cache-control", b"no-store")], body)
             return
         if resp.status_code == 429:
             retry = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
             raise RegistryError(
-                429, "TOOMANYREQUESTS", f"the token endpoint of {route.name} is rate limiting", headers=retry
+                429, TOOMANYREQUESTS, f"the token endpoint of {route.name} is rate limiting", headers=retry
             )
         if resp.status_code in (401, 403):
             raise RegistryError(401, UNAUTHORIZED, f"{route.name} refused these credentials")
@@ -124,9 +108,8 @@ class TokenRelay:
     def _route_for(self, scope: Scope, params: list[tuple[str, str]]) -> Route:
         # service is what the gateway's own challenge named: the route, whatever the Host.
         service = next((v for k, v in params if k == "service"), "")
-        route = self.table.by_name(service) if service else None
-        route = route or self.table.route_for_host(header_value(scope, b"host"))
-        if route is None or route.auth != "passthrough":
+        route = self.table.route_for_token(service, header_value(scope, b"host"))
+        if route is None or not route.auth.uses_client_logins:
             raise RegistryError(404, UNSUPPORTED, f"no route passes logins through for service {service[:100]!r}")
         return route
 

@@ -40,6 +40,19 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) of an absolute URL: what "same origin" compares everywhere.
+
+    The host is lowercased and loses a trailing dot ("example.com." is the same name);
+    the port is the scheme's default when absent. Raises ValueError for a URL that has
+    no valid port.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return (scheme, (parts.hostname or "").lower().rstrip("."), port)
+
+
 def check_target(
     url: str,
     *,
@@ -49,18 +62,16 @@ def check_target(
 ) -> None:
     """Raise TargetRefused unless ``url`` may be contacted on behalf of this route."""
     try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        host = (parts.hostname or "").lower().rstrip(".")
+        urlsplit(url)
     except ValueError:
         raise TargetRefused("not a valid URL") from None
     try:
-        port = parts.port or (443 if scheme == "https" else 80)
+        scheme, host, port = origin = origin_of(url)
     except ValueError:
         raise TargetRefused("invalid port") from None
     if not host:
         raise TargetRefused("no host")
-    if (scheme, host, port) in trusted_origins:
+    if origin in trusted_origins:
         return
     if scheme != "https" and not (scheme == "http" and upstream_scheme == "http"):
         raise TargetRefused(f"{scheme}:// is not allowed (https only)")

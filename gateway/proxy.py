@@ -39,13 +39,18 @@ from gateway.asgi import (
     StreamEnd,
     header_value,
     send_body,
+    send_error,
     send_json,
     stream_body,
 )
+from gateway.authorizer import Login
 from gateway.errors import (
+    PAGINATION_NUMBER_INVALID,
+    TAG_INVALID,
     UNAVAILABLE,
     UNKNOWN,
     UNSUPPORTED,
+    LoginRequired,
     RegistryError,
     code_for_status,
     error_body,
@@ -64,8 +69,9 @@ from gateway.httputil import (
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
 from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
-from gateway.routes import RouteTable, Target
+from gateway.routes import RequestFacts, RouteTable, Target
 from gateway.upstream import Opened, UpstreamClient
+from gateway.upstream_errors import BODY, upstream_errors
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -116,15 +122,15 @@ def upstream_query(kind: Kind, query_string: bytes) -> tuple[str, str | None]:
             ns = ns or value
         elif kind is Kind.TAGS and key == "n":
             if not (value.isascii() and value.isdigit()) or len(value) > 6 or int(value) > MAX_PAGE_SIZE:
-                raise _bad_request("PAGINATION_NUMBER_INVALID", f"n must be an integer from 0 to {MAX_PAGE_SIZE}")
+                raise _bad_request(PAGINATION_NUMBER_INVALID, f"n must be an integer from 0 to {MAX_PAGE_SIZE}")
             forward.append((key, value))
         elif kind is Kind.TAGS and key == "last":
             if len(value) > 128:
-                raise _bad_request("TAG_INVALID", "last must be a tag (at most 128 characters)")
+                raise _bad_request(TAG_INVALID, "last must be a tag (at most 128 characters)")
             forward.append((key, value))
         elif kind is Kind.REFERRERS and key == "artifactType":
             if len(value) > 255:
-                raise _bad_request("UNSUPPORTED", "artifactType is too long")
+                raise _bad_request(UNSUPPORTED, "artifactType is too long")
             forward.append((key, value))
     return urlencode(forward), ns
 
@@ -157,6 +163,8 @@ class Exchange:
     api: ApiPath
     target: Target
     head: bool
+    # What authorizes the request upstream (the route's authorizer admitted it).
+    login: Login
     # Whole-answer deadline (loop time): set when the request goes upstream.
     deadline: float = 0.0
     # Where a cacheable manifest answer goes; None once it proves not cacheable.
@@ -167,8 +175,8 @@ class Exchange:
         return self.target.route.name
 
 
-class Gateway:
-    """The ASGI app for everything under ``/v2``."""
+class Relay:
+    """The ASGI app for everything under ``/v2``: the registry API, relayed."""
 
     def __init__(
         self, table: RouteTable, clients: Mapping[str, UpstreamClient], cache: ManifestCache | None = None
@@ -184,9 +192,10 @@ class Gateway:
             await self._handle(scope, receive, send, record)
         except RegistryError as exc:
             record.error = exc.code
-            headers: Headers = [API_VERSION_HEADER, JSON_CONTENT_TYPE]
-            headers.extend((k.lower().encode(), v.encode()) for k, v in exc.headers.items())
-            await send_body(send, exc.status, headers, exc.body(), head=head)
+            if isinstance(exc, LoginRequired):
+                name, value = passthrough.challenge_header(scope, exc.service, exc.repository)
+                exc.headers[name.decode()] = value.decode()
+            await send_error(send, exc, head=head)
         except Exception:
             # A bug, not bad input: logged with its traceback, answered as registry JSON
             # (or, mid-stream, by aborting the connection) instead of uvicorn's text/plain 500.
@@ -196,8 +205,8 @@ class Gateway:
             if record.status:
                 raise
             record.error = UNKNOWN
-            body = error_body(UNKNOWN, "internal error in the gateway", {"request_id": record.request_id})
-            await send_body(send, 500, [API_VERSION_HEADER, JSON_CONTENT_TYPE], body, head=head)
+            internal = RegistryError(500, UNKNOWN, "internal error in the gateway", {"request_id": record.request_id})
+            await send_error(send, internal, head=head)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
         method = scope["method"]
@@ -214,17 +223,14 @@ class Gateway:
             raise unsupported_method(method)
         check_reference(api)
         query, ns = upstream_query(api.kind, scope.get("query_string", b""))
-        target = self.table.resolve(header_value(scope, b"host"), api.name, ns)
+        target = self.table.resolve(RequestFacts(header_value(scope, b"host"), api.name, ns))
         route = target.route
         record.route = route.name
         record.repository = target.upstream_name
-        ex = Exchange(scope, receive, send, record, api, target, head=method == "HEAD")
-        if route.auth == "passthrough":
-            client_authorization = header_value(scope, b"authorization")
-            if client_authorization is None or not client_authorization.isascii():
-                raise passthrough.unauthorized(scope, route, target.client_path_name)
-            await self._from_upstream(ex, query, client_authorization)
-        elif api.kind is Kind.MANIFEST and self.cache is not None:
+        authorizer = self.clients[route.name].authorizer
+        login = authorizer.admit(header_value(scope, b"authorization"), target.client_path_name)
+        ex = Exchange(scope, receive, send, record, api, target, head=method == "HEAD", login=login)
+        if api.kind is Kind.MANIFEST and self.cache is not None and authorizer.shares_answers:
             # Every Accept header counts: Docker sends one per media type, and a client that
             # accepts only a single manifest type gets another answer (a list converted to
             # one manifest) that must never be served to one that accepts lists.
@@ -237,9 +243,9 @@ class Gateway:
                     return  # another request fetched it meanwhile
                 record.cache = "miss"
                 ex.cache_key = key
-                await self._from_upstream(ex, query, None)
+                await self._from_upstream(ex, query)
         else:
-            await self._from_upstream(ex, query, None)
+            await self._from_upstream(ex, query)
 
     async def _from_cache(self, ex: Exchange, key: CacheKey) -> bool:
         assert self.cache is not None
@@ -256,7 +262,7 @@ class Gateway:
         await send_body(ex.send, 200, headers, entry.body, head=ex.head)
         return True
 
-    async def _from_upstream(self, ex: Exchange, query: str, client_authorization: str | None) -> None:
+    async def _from_upstream(self, ex: Exchange, query: str) -> None:
         route = ex.target.route
         client = self.clients[route.name]
         started = time.perf_counter()
@@ -272,7 +278,7 @@ class Gateway:
                     headers=upstream_headers(ex.scope),
                     repository=ex.target.upstream_name,
                     follow_redirects=not (ex.api.kind is Kind.BLOB and route.blob_redirect == "pass"),
-                    client_authorization=client_authorization,
+                    login=ex.login,
                 )
         except TimeoutError:
             metrics.upstream_error(route.name, "timeout")
@@ -284,9 +290,9 @@ class Gateway:
         if opened.redirects:
             ex.record.redirect = "followed"
         try:
-            if route.auth == "passthrough" and opened.response.status_code == 401:
-                # The upstream refused the client's token: the client must log in again, at our realm.
-                challenge = passthrough.challenge_header(ex.scope, route, ex.target.client_path_name)
+            if ex.login.from_client and opened.response.status_code == 401:
+                # The upstream refused the client's own token: it must log in again, at our realm.
+                challenge = passthrough.challenge_header(ex.scope, route.name, ex.target.client_path_name)
                 await self._relay_error(ex, opened.response, extra=[challenge])
             else:
                 await self._answer(ex, opened)
@@ -296,23 +302,24 @@ class Gateway:
     async def _ping(self, scope: Scope, send: Send, record: RequestRecord) -> None:
         """``/v2/``: 200, unless the host's route passes logins through and the client has none (yet)."""
         head = scope["method"] == "HEAD"
-        route = self.table.route_for_host(header_value(scope, b"host")) or self.table.default
-        if route is None or route.auth != "passthrough":
-            await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
-            return
-        record.route = route.name
-        authorization = header_value(scope, b"authorization")
-        if authorization is None or not authorization.isascii():
-            raise passthrough.unauthorized(scope, route, None)
-        # Check the client's token where it is valid: Docker's login ends with this request.
-        client = self.clients[route.name]
-        async with asyncio.timeout(client.timeouts.manifest):
-            opened = await client.open(
-                "GET", "/v2/", headers={"accept": "application/json"}, repository="", client_authorization=authorization
-            )
-        await opened.response.aclose()
-        if opened.response.status_code == 401:
-            raise passthrough.unauthorized(scope, route, None)
+        route = self.table.route_for_ping(header_value(scope, b"host"))
+        if route is not None:
+            client = self.clients[route.name]
+            try:
+                login = client.authorizer.admit(header_value(scope, b"authorization"), None)
+            except LoginRequired:
+                record.route = route.name
+                raise
+            if login.from_client:
+                record.route = route.name
+                # Check the client's token where it is valid: Docker's login ends with this request.
+                async with asyncio.timeout(client.timeouts.manifest):
+                    opened = await client.open(
+                        "GET", "/v2/", headers={"accept": "application/json"}, repository="", login=login
+                    )
+                await opened.response.aclose()
+                if opened.response.status_code == 401:
+                    raise LoginRequired(route.name, None)
         await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
 
     async def _answer(self, ex: Exchange, opened: Opened) -> None:
@@ -393,15 +400,13 @@ class Gateway:
 
     async def _relay_manifest(self, ex: Exchange, resp: httpx.Response) -> None:
         try:
-            async with asyncio.timeout_at(ex.deadline):
-                body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
-        except TimeoutError:
-            metrics.upstream_error(ex.route_name, "timeout")
-            raise RegistryError(504, UNAVAILABLE, f"upstream {ex.route_name} was too slow sending a manifest") from None
-        except httpx.HTTPError as exc:
-            raise RegistryError(
-                502, UNAVAILABLE, f"upstream {ex.route_name} broke while sending a manifest: {type(exc).__name__}"
-            ) from None
+            with upstream_errors(BODY, f"upstream {ex.route_name}", "a manifest"):
+                async with asyncio.timeout_at(ex.deadline):
+                    body = await read_capped(resp, MAX_MANIFEST_BYTES, raw=True)
+        except RegistryError as exc:
+            if exc.reason == "timeout":
+                metrics.upstream_error(ex.route_name, "timeout")
+            raise
         if body is None:
             raise RegistryError(
                 502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
@@ -428,10 +433,11 @@ class Gateway:
         body: bytes | None = None
         if not ex.head:
             try:
-                async with asyncio.timeout_at(ex.deadline):
-                    body = await read_capped(resp, MAX_ERROR_BODY)
-            except (httpx.HTTPError, TimeoutError):
-                body = None
+                with upstream_errors(BODY, f"upstream {ex.route_name}", "an error"):
+                    async with asyncio.timeout_at(ex.deadline):
+                        body = await read_capped(resp, MAX_ERROR_BODY)
+            except RegistryError:
+                body = None  # replaced by the gateway's own message below
         headers = response_headers(resp.headers, ERROR_RESPONSE_HEADERS)
         if status == 416 and "content-range" in resp.headers:
             headers.append((b"content-range", resp.headers["content-range"].encode()))

@@ -33,6 +33,21 @@ from gateway.errors import (
 # distribution limits a repository name to 255 characters (reference.NameTotalLengthMax).
 NAME_MAX_LENGTH = 255
 
+# The gateway's own token endpoint (passthrough logins), the one path beside /v2 that is
+# part of the registry API a client talks to.
+TOKEN_PATH = "/auth/token"
+
+
+def is_api_path(path: str) -> bool:
+    """``/v2`` and everything under it."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def is_registry_path(path: str) -> bool:
+    """What a registry client reaches: the API and the token endpoint (access control guards both)."""
+    return is_api_path(path) or path == TOKEN_PATH
+
+
 _ALNUM = r"[a-z0-9]+"
 _SEPARATOR = r"(?:[._]|__|-+)"
 _COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"

@@ -1,8 +1,10 @@
-"""The routing table: ``routes.toml`` in, (Host, path, ns) -> upstream repository out.
+"""The router: what a route is, and which route (and upstream repository) a request goes to.
 
-Loading validates everything once, at start-up, and reports the first problem as
-one line naming the file, the route and the key (``ConfigError``). Resolution is
-pure and cheap: dictionary look-ups, no regular expressions on the hot path.
+Pure: the types a validated ``routes.toml`` becomes (``routes_file.py`` builds them), and
+the table that resolves a request's facts (Host, repository path, ``ns``) with
+dictionary look-ups, no regular expressions on the hot path. Every question "which
+route is this?" is asked here: ``resolve`` for ``/v2/<name>/...``, ``route_for_ping``
+for ``/v2/``, ``route_for_token`` for the token endpoint.
 
 Resolution order (first match wins):
 
@@ -20,23 +22,14 @@ Docker Hub namespaces cannot contain dots, so this never hides a Hub repository.
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import ClassVar, Literal
 
 from gateway.errors import DENIED, NAME_INVALID, NAME_UNKNOWN, RegistryError
+from gateway.policy import Origin, check_target
 from gateway.reference import NAME_MAX_LENGTH, check_name
-
-
-class ConfigError(Exception):
-    """A configuration problem, reported as one line: ``<file>: <where>: <reason>``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +55,37 @@ class Upstream:
     port: int
 
     @property
-    def origin(self) -> tuple[str, str, int]:
+    def origin(self) -> Origin:
         return (self.scheme, self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayTokens:
+    """``auth = "gateway"``: the gateway gets its own tokens, anonymously or with the route's credentials.
+
+    Answers are the same for every client, so they may be shared (the manifest cache).
+    """
+
+    credentials: Credentials | None = None
+    # The one upstream (origin) the credentials belong to; they never go anywhere else.
+    credentials_origin: Origin | None = None
+    uses_client_logins: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTokens:
+    """``auth = "passthrough"``: each client logs in with its own upstream credentials (``passthrough.py``).
+
+    The client's token goes to the route's upstreams and nowhere else; answers depend
+    on who asks, so none is ever shared.
+    """
+
+    uses_client_logins: ClassVar[bool] = True
+
+
+# How a route's requests are authorized upstream: one type per mode (``authorizer.py``
+# implements each). A new mode is a new type here and its authorizer there.
+UpstreamAuth = GatewayTokens | ClientTokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +139,8 @@ class Route:
     prefixes: tuple[str, ...] = ()
     default: bool = False
     library: bool = False
-    credentials: Credentials | None = None
-    # The one upstream (origin) the credentials belong to; they never go anywhere else.
-    credentials_origin: tuple[str, str, int] | None = None
+    auth: UpstreamAuth = GatewayTokens()
     blob_redirect: Literal["follow", "pass"] = "follow"
-    auth: Literal["gateway", "passthrough"] = "gateway"
     allow_private_addresses: bool = False
     policy: RepositoryPolicy = field(default_factory=RepositoryPolicy)
 
@@ -129,6 +148,29 @@ class Route:
     def upstream(self) -> Upstream:
         """The first (preferred) upstream."""
         return self.upstreams[0]
+
+    @property
+    def origins(self) -> frozenset[Origin]:
+        """The route's own upstreams: the origins the operator named, trusted for where they are."""
+        return frozenset(u.origin for u in self.upstreams)
+
+    def check_destination(self, url: str) -> None:
+        """Raise TargetRefused unless a token realm or redirect target ``url`` may be contacted (``policy.py``)."""
+        check_target(
+            url,
+            upstream_scheme=self.upstream.scheme,
+            trusted_origins=self.origins,
+            allow_private=self.allow_private_addresses,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What of a request decides its route: the Host header, the repository path, ``ns``."""
+
+    host: str | None
+    name: str
+    ns: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,236 +186,6 @@ class Target:
     def client_path_name(self) -> str:
         """The repository part of the client's own path, for rewriting links back."""
         return self.prefix + self.client_name
-
-
-# --- routes.toml schema ---------------------------------------------------------------
-
-_REGISTRY_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?\Z")
-_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
-
-
-class _RouteModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1)
-    upstream: str | list[str]
-    hosts: list[str] = []
-    prefixes: list[str] = []
-    default: bool = False
-    library: bool = False
-    username: str | None = None
-    username_env: str | None = None
-    password_env: str | None = None
-    password_file: str | None = None
-    credentials_upstream: str | None = None
-    blob_redirect: Literal["follow", "pass"] = "follow"
-    auth: Literal["gateway", "passthrough"] = "gateway"
-    allow_private_addresses: bool = False
-    allow: list[str] = []
-    deny: list[str] = []
-
-
-class _FileModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    route: list[dict[str, Any]] = Field(min_length=1)
-
-
-def _describe_validation_error(exc: ValidationError) -> tuple[str, str]:
-    first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return key, "unknown key"
-    if first["type"] == "missing":
-        return key, "required key is missing"
-    return key, first["msg"]
-
-
-def _parse_upstream(url: str) -> Upstream:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} has no host")
-    if parts.username or parts.password:
-        raise ValueError("credentials do not belong in the URL: use username_env / password_env or password_file")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{url!r} must be a bare origin (scheme://host[:port]) without a path or query")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:
-        raise ValueError(f"{url!r} has an invalid port") from exc
-    host = parts.hostname.lower()
-    netloc = f"[{host}]" if ":" in host else host
-    default_port = 443 if parts.scheme == "https" else 80
-    base = f"{parts.scheme}://{netloc}" + ("" if port == default_port else f":{port}")
-    return Upstream(url=base, scheme=parts.scheme, host=host, port=port)
-
-
-def _check_host_pattern(pattern: str) -> str:
-    pattern = pattern.strip().lower().rstrip(".")
-    labels = pattern.split(".")
-    if len(labels) >= 2 and labels[-1] == "*" and "*" not in labels[:-1]:
-        # "ghcr.*" and "ghcr.mirror.*": the first labels are fixed, the domain is any.
-        ok = all(_HOST_LABEL_RE.match(label) for label in labels[:-1])
-    elif len(labels) >= 2 and labels[0] == "*" and "*" not in labels[1:]:
-        ok = all(_HOST_LABEL_RE.match(label) for label in labels[1:])
-    else:
-        ok = all(_HOST_LABEL_RE.match(label) for label in labels)
-    if not ok:
-        raise ValueError(f"{pattern!r} is not a host name, 'label.*' or '*.domain' pattern")
-    return pattern
-
-
-def _read_secret_file(path: str) -> str:
-    try:
-        # Kubernetes secret files and `echo secret > file` both end in a newline that is
-        # not part of the secret.
-        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-
-
-def _credentials(model: _RouteModel, environ: Mapping[str, str]) -> Credentials | None:
-    if model.username is not None and model.username_env is not None:
-        raise ValueError("username: set username or username_env, not both")
-    if model.password_env is not None and model.password_file is not None:
-        raise ValueError("password_env: set password_env or password_file, not both")
-    username = model.username
-    if model.username_env is not None:
-        username = environ.get(model.username_env)
-        if not username:
-            raise ValueError(f"username_env: environment variable {model.username_env} is not set")
-    password: str | None = None
-    if model.password_env is not None:
-        password = environ.get(model.password_env)
-        if not password:
-            raise ValueError(f"password_env: environment variable {model.password_env} is not set")
-    elif model.password_file is not None:
-        try:
-            password = _read_secret_file(model.password_file)
-        except ValueError as exc:
-            raise ValueError(f"password_file: {exc}") from None
-    if username is None and password is None:
-        return None
-    if username is None or password is None:
-        raise ValueError("credentials need both a username and a password")
-    return Credentials(username=username, password=password)
-
-
-def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
-    urls = [model.upstream] if isinstance(model.upstream, str) else model.upstream
-    if not urls:
-        raise ValueError("upstream: the list is empty")
-    try:
-        upstreams = tuple(_parse_upstream(url) for url in urls)
-    except ValueError as exc:
-        raise ValueError(f"upstream: {exc}") from None
-    if len({u.origin for u in upstreams}) != len(upstreams):
-        raise ValueError("upstream: the same upstream is listed twice")
-    return upstreams
-
-
-def _credentials_origin(
-    model: _RouteModel, upstreams: tuple[Upstream, ...], credentials: Credentials | None
-) -> tuple[str, str, int] | None:
-    if model.credentials_upstream is not None:
-        try:
-            wanted = _parse_upstream(model.credentials_upstream).origin
-        except ValueError as exc:
-            raise ValueError(f"credentials_upstream: {exc}") from None
-        if wanted not in {u.origin for u in upstreams}:
-            raise ValueError("credentials_upstream: not one of this route's upstreams")
-        return wanted
-    if credentials is None:
-        return None
-    if len(upstreams) > 1:
-        # Sending one registry's credentials to a mirror of it would leak them: say which.
-        raise ValueError("credentials_upstream: required when a route with credentials lists several upstreams")
-    return upstreams[0].origin
-
-
-def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
-    name = model.name.lower()
-    if not _REGISTRY_NAME_RE.match(name):
-        raise ValueError(f"name: {model.name!r} is not a registry host name such as 'ghcr.io'")
-    upstreams = _upstreams(model)
-    credentials = _credentials(model, environ)
-    credentials_origin = _credentials_origin(model, upstreams, credentials)
-    if model.auth == "passthrough" and credentials is not None:
-        raise ValueError("auth: a passthrough route forwards its clients' logins and takes no credentials")
-    try:
-        policy = RepositoryPolicy.build(model.allow, model.deny)
-    except ValueError as exc:
-        raise ValueError(f"allow/deny: {exc}") from None
-    prefixes: list[str] = [name]
-    for prefix in model.prefixes:
-        prefix = prefix.strip().strip("/").lower()
-        if not _REGISTRY_NAME_RE.match(prefix):
-            raise ValueError(f"prefixes: {prefix!r} is not a registry host name")
-        if prefix not in prefixes:
-            prefixes.append(prefix)
-    try:
-        hosts = tuple(_check_host_pattern(p) for p in model.hosts)
-    except ValueError as exc:
-        raise ValueError(f"hosts: {exc}") from None
-    return Route(
-        name=name,
-        upstreams=upstreams,
-        hosts=hosts,
-        prefixes=tuple(prefixes),
-        default=model.default,
-        library=model.library,
-        credentials=credentials,
-        credentials_origin=credentials_origin,
-        blob_redirect=model.blob_redirect,
-        auth=model.auth,
-        allow_private_addresses=model.allow_private_addresses,
-        policy=policy,
-    )
-
-
-def parse_routes(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> RouteTable:
-    """Validate a parsed routes.toml document. Raises ConfigError naming ``source``."""
-    try:
-        top = _FileModel.model_validate(doc)
-    except ValidationError as exc:
-        key, reason = _describe_validation_error(exc)
-        raise ConfigError(f"{source}: {key}: {reason}") from None
-
-    routes: list[Route] = []
-    for index, raw in enumerate(top.route, start=1):
-        label = f"route #{index}" + (f" ({raw['name']})" if isinstance(raw.get("name"), str) else "")
-        try:
-            model = _RouteModel.model_validate(raw)
-        except ValidationError as exc:
-            key, reason = _describe_validation_error(exc)
-            raise ConfigError(f"{source}: {label}: {key}: {reason}") from None
-        try:
-            routes.append(_build_route(model, environ))
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {label}: {exc}") from None
-    try:
-        return RouteTable(routes)
-    except ValueError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def load_routes(path: Path, environ: Mapping[str, str] | None = None) -> RouteTable:
-    """Read, parse and validate a routes.toml file."""
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return parse_routes(doc, str(path), os.environ if environ is None else environ)
-
-
-# --- resolution -----------------------------------------------------------------------
 
 
 def _looks_like_registry(component: str) -> bool:
@@ -428,14 +240,6 @@ class RouteTable:
     def by_name(self, name: str) -> Route | None:
         return self._prefixes.get(name.lower())
 
-    @staticmethod
-    def strip_prefix(route: Route, name: str) -> tuple[str, str]:
-        """(prefix with its slash, rest) when ``name`` starts with one of the route's names."""
-        first, sep, rest = name.partition("/")
-        if sep and rest and first in route.prefixes:
-            return first + "/", rest
-        return "", name
-
     def route_for_host(self, host: str | None) -> Route | None:
         if not host:
             return None
@@ -455,48 +259,64 @@ class RouteTable:
                 return route
         return None
 
-    def resolve(self, host: str | None, name: str, ns: str | None) -> Target:
-        """Map a request's Host header, repository path and ``ns`` to a Target.
+    def route_for_ping(self, host: str | None) -> Route | None:
+        """The route ``GET /v2/`` on this host speaks for: its host route, else the default route."""
+        return self.route_for_host(host) or self.default
 
-        Raises RegistryError (NAME_UNKNOWN, NAME_INVALID) for anything unroutable.
+    def route_for_token(self, service: str, host: str | None) -> Route | None:
+        """The route a token request is for: the ``service`` the gateway's challenge named, else the host's."""
+        return (self.by_name(service) if service else None) or self.route_for_host(host)
+
+    def _split_prefix(self, name: str) -> tuple[Route | None, str, str]:
+        """(route, prefix with its slash, rest) when the first component of ``name`` is a route's name or prefix."""
+        first, sep, rest = name.partition("/")
+        route = self._prefixes.get(first) if sep and rest else None
+        if route is None:
+            return None, "", name
+        return route, first + "/", rest
+
+    def resolve(self, facts: RequestFacts) -> Target:
+        """Map a request's facts (Host header, repository path, ``ns``) to a Target.
+
+        Raises RegistryError (NAME_UNKNOWN, NAME_INVALID, DENIED) for anything unroutable.
         """
-        route = self.route_for_host(host)
+        name = facts.name
+        ns = facts.ns
+        route = self.route_for_host(facts.host)
         prefix = ""
         if route is None:
-            first, sep, rest = name.partition("/")
-            if sep and rest:
-                route = self._prefixes.get(first)
-                if route is not None:
-                    prefix, name = first + "/", rest
-                elif _looks_like_registry(first):
-                    raise RegistryError(
-                        404,
-                        NAME_UNKNOWN,
-                        f"no route for registry {first[:100]!r}: this gateway only serves its configured registries",
-                        detail={"registries": [r.name for r in self.routes]},
+            route, prefix, name = self._split_prefix(name)
+            if route is None:
+                first, sep, rest = name.partition("/")
+                if sep and rest and _looks_like_registry(first):
+                    raise self._unknown(
+                        f"no route for registry {first[:100]!r}: this gateway only serves its configured registries"
                     )
         if route is None and ns:
             route = self._prefixes.get(ns.lower())
             if route is None:
-                raise RegistryError(
-                    404,
-                    NAME_UNKNOWN,
-                    f"no route for registry {ns[:100]!r} (from the ns parameter)",
-                    detail={"registries": [r.name for r in self.routes]},
-                )
+                raise self._unknown(f"no route for registry {ns[:100]!r} (from the ns parameter)")
         if route is None:
             route = self.default
             if route is None:
-                raise RegistryError(
-                    404,
-                    NAME_UNKNOWN,
-                    "no route matches this host or path, and no route is the default",
-                    detail={"registries": [r.name for r in self.routes]},
-                )
-        return self.target_in(route, name, prefix)
+                raise self._unknown("no route matches this host or path, and no route is the default")
+        return self._target_in(route, name, prefix)
+
+    def _unknown(self, message: str) -> RegistryError:
+        return RegistryError(404, NAME_UNKNOWN, message, detail={"registries": [r.name for r in self.routes]})
+
+    def target_on(self, route: Route, name: str) -> Target:
+        """The Target for ``name`` on a known route, the route's own prefix (if the name has one) removed.
+
+        The token endpoint's scopes name repositories the way clients wrote them.
+        """
+        owner, prefix, rest = self._split_prefix(name)
+        if owner is route:
+            return self._target_in(route, rest, prefix)
+        return self._target_in(route, name)
 
     @staticmethod
-    def target_in(route: Route, name: str, prefix: str = "") -> Target:
+    def _target_in(route: Route, name: str, prefix: str = "") -> Target:
         """The Target for ``name`` (prefix already removed) on a known route."""
         check_name(name)
         upstream_name = name

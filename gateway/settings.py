@@ -8,17 +8,47 @@ allowed between two reads, not a limit on a whole transfer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.upstream import PoolLimits, Timeouts
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream patience, in seconds (the Settings fields of the same names say what each bounds)."""
+
+    connect: float
+    token: float
+    manifest: float
+    blob_idle: float
+    write: float
+    pool: float
+
+    def per_request(self) -> dict[str, float]:
+        """httpx's per-request timeout extension: connect, read, write and pool.
+
+        httpx's read timeout is per read: exactly the blob idle timeout. Whole-answer
+        deadlines (token, manifest) are enforced around the calls with asyncio.timeout.
+        """
+        return {"connect": self.connect, "read": self.blob_idle, "write": self.write, "pool": self.pool}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    """One route's upstream connection pool."""
+
+    max_connections: int
+    max_keepalive_connections: int
+    keepalive_expiry: float
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    # forbid: a misspelt keyword (Settings(manifest_cache_byte=0) in a test) is an error, not
+    # silently ignored. Unknown GATEWAY_* variables are not fields and stay ignored.
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
 
     routes: Path = Path("routes.toml")
     host: str = "0.0.0.0"

@@ -37,6 +37,8 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 
 from gateway.netguard import AddressGuard, AddressRefused
+from gateway.policy import Origin
+from gateway.settings import PoolLimits
 
 # Reading pauses when this much received body waits for the client; resumes below LOW_WATER.
 HIGH_WATER = 1 << 20
@@ -190,10 +192,10 @@ class _Pool:
         self.slots = asyncio.Semaphore(max_connections)
         self.max_keepalive = max_keepalive
         self.keepalive_expiry = keepalive_expiry
-        self.idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self.idle: dict[Origin, list[_Connection]] = {}
         self.idle_count = 0
 
-    def take_idle(self, origin: tuple[str, str, int]) -> _Connection | None:
+    def take_idle(self, origin: Origin) -> _Connection | None:
         conns = self.idle.get(origin)
         now = time.monotonic()
         while conns:
@@ -204,7 +206,7 @@ class _Pool:
             conn.close()
         return None
 
-    def give_back(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+    def give_back(self, origin: Origin, conn: _Connection) -> None:
         if self.idle_count >= self.max_keepalive or not conn.reusable():
             conn.close()
             return
@@ -355,15 +357,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         *,
-        limits: httpx.Limits,
+        limits: PoolLimits,
         guard: AddressGuard | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._pool = _Pool(
-            limits.max_connections or 1000,
-            limits.max_keepalive_connections if limits.max_keepalive_connections is not None else 100,
-            limits.keepalive_expiry if limits.keepalive_expiry is not None else 60.0,
-        )
+        self._pool = _Pool(limits.max_connections, limits.max_keepalive_connections, limits.keepalive_expiry)
         self._guard = guard or AddressGuard((), allow_private=True)
         self._ssl = ssl_context or shared_ssl_context()
 
@@ -455,7 +453,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 try:
                     addresses = await self._guard.addresses(host, port)
                 except AddressRefused as exc:
-                    raise httpx.ConnectError(str(exc), request=request) from None
+                    # Chained, so that upstream_errors.py knows it by its type.
+                    raise httpx.ConnectError(str(exc), request=request) from exc
                 except OSError as exc:
                     raise httpx.ConnectError(f"cannot resolve {host}: {exc}", request=request) from None
                 last: Exception | None = None

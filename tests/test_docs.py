@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.routes import parse_routes
+from gateway.routes_file import parse_routes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -42,7 +42,7 @@ def test_every_setting_is_documented():
 
 
 def test_every_route_key_is_documented():
-    from gateway.routes import _RouteModel
+    from gateway.routes_file import _RouteModel
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     for name in _RouteModel.model_fields:

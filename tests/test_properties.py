@@ -37,13 +37,14 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from gateway.app import create_app
 from gateway.asgi import ASGIApp, Message
 from gateway.errors import RegistryError
 from gateway.httputil import FORWARD_REQUEST_HEADERS
 from gateway.reference import Kind, check_raw_path, parse_api_path
-from gateway.routes import RouteTable, parse_routes
+from gateway.routes import RequestFacts, RouteTable
+from gateway.routes_file import parse_routes
 from gateway.settings import Settings
+from tests.unit.conftest import in_process_app
 from tests.unit.fake_registry import BLOB_DIGEST, REALM, REGISTRY, FakeRegistry, response
 
 PROPERTY_SETTINGS = settings(
@@ -474,7 +475,7 @@ def run(
     scope: dict[str, Any], *, default_route: bool = True, fake: FakeRegistry | None = None
 ) -> tuple[Result, FakeRegistry]:
     fake = fake or FakeRegistry()
-    app = create_app(Settings(), table=TABLES[default_route], transport=httpx.MockTransport(fake))
+    app = in_process_app(fake, TABLES[default_route], Settings())
 
     async def go() -> Result:
         async with lifespan(app):
@@ -561,7 +562,7 @@ def test_resolve_follows_the_documented_rules(host: str | None, name: str, ns: s
     table: RouteTable = TABLES[default]
     expected = oracle_resolve(host, name, ns, default=default)
     try:
-        target = table.resolve(host, name, ns)
+        target = table.resolve(RequestFacts(host, name, ns))
     except RegistryError as exc:
         refused: RegistryError | None = exc
     else:

@@ -95,7 +95,7 @@ allow_private_addresses = true
         metrics = httpx.get(f"{gw.url}/metrics").text
         lines = [json.loads(line) for line in gw.log_lines() if '"event":"access"' in line]
     # The dead upstream cost two connection errors, then the breaker skipped it.
-    assert 'registry_gateway_upstream_errors_total{kind="connect",route="docker.io"} 2.0' in metrics
+    assert 'registry_gateway_upstream_errors_total{reason="connect",route="docker.io"} 2.0' in metrics
     assert {r["upstream"] for r in lines if r.get("route") == "docker.io"} == {testbed.hub.url}
 
 

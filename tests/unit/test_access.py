@@ -1,22 +1,21 @@
+"""Who may use the gateway: htpasswd and token logins, the per-IP rate limit; alone and in the app."""
+
+from __future__ import annotations
+
 import base64
 
 import bcrypt
 import pytest
 
 from gateway.access import ClientAuth, RateLimiter
-from gateway.routes import ConfigError
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+from tests.registry_json import registry_errors
+from tests.unit.conftest import Clock
+from tests.unit.fake_registry import REGISTRY
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_rate_limiter_bucket():
-    clock = Clock()
+def test_rate_limiter_bucket(clock):
     limiter = RateLimiter(rate=2.0, burst=3, clock=clock)
     assert [limiter.take("a") for _ in range(3)] == [0, 0, 0]
     assert limiter.take("a") == pytest.approx(0.5)
@@ -95,3 +94,37 @@ def test_client_auth_config_errors(tmp_path, htpasswd, tokens, message):
         t.write_text(tokens)
     with pytest.raises(ConfigError, match=message):
         ClientAuth(h, t)
+
+
+# --- client authentication and rate limit -----------------------------------------------------
+
+
+async def test_gateway_login_required(gateway_client, fake, tmp_path):
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode() + "\n")
+    route = {"name": "docker.io", "upstream": REGISTRY, "default": True, "library": True}
+    async with gateway_client([route], Settings(htpasswd=htpasswd)) as client:
+        resp = await client.get("/v2/")
+        assert resp.status_code == 401
+        assert resp.headers["www-authenticate"].startswith('Basic realm="registry-gateway"')
+        assert (await client.get("/v2/alpine/manifests/latest")).status_code == 401
+        assert not fake.requests
+        assert (await client.get("/v2/", auth=("alice", "pw"))).status_code == 200
+        assert (await client.get("/v2/alpine/manifests/latest", auth=("alice", "pw"))).status_code == 200
+        assert (await client.get("/v2/", auth=("alice", "nope"))).status_code == 401
+        assert (await client.get("/healthz")).status_code == 200  # probes stay open
+
+
+async def test_rate_limit_per_client(gateway_client, fake):
+    route = {"name": "docker.io", "upstream": REGISTRY, "default": True}
+    settings = Settings(rate_limit=0.5, rate_burst=3)
+    async with gateway_client([route], settings) as client:
+        statuses = [(await client.get("/v2/")).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        limited = await client.get("/v2/")
+        assert registry_errors(limited)[0]["code"] == "TOOMANYREQUESTS"
+        assert int(limited.headers["retry-after"]) >= 1
+        assert (await client.get("/metrics")).status_code == 200
+    async with gateway_client([route], settings, client=("10.0.0.9", 1)) as other:
+        # Another address has its own bucket (a new app here, but the point stands per key).
+        assert (await other.get("/v2/")).status_code == 200

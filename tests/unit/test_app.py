@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
+from typing import Any
 
 import httpx
 import pytest
 
-from gateway.app import create_app
-from gateway.routes import parse_routes
 from gateway.settings import Settings
+from tests.registry_json import registry_errors
+from tests.unit.conftest import in_process_app, in_process_client
 from tests.unit.fake_registry import (
     BLOB,
     BLOB_DIGEST,
@@ -20,35 +21,26 @@ from tests.unit.fake_registry import (
     MANIFEST_DIGEST,
     REALM,
     REGISTRY,
-    FakeRegistry,
     registry_error,
     response,
 )
 
-ROUTES = {
-    "route": [
-        {"name": "docker.io", "upstream": REGISTRY, "hosts": ["docker.*"], "default": True, "library": True},
-        {"name": "private.io", "upstream": REGISTRY, "hosts": ["private.*"], "username": "bob", "password_env": "PW"},
-        {"name": "pass.io", "upstream": REGISTRY, "hosts": ["pass.*"], "blob_redirect": "pass"},
-    ]
-}
-
-
-@pytest.fixture
-def fake() -> FakeRegistry:
-    return FakeRegistry()
+ROUTES: list[dict[str, Any]] = [
+    {"name": "docker.io", "upstream": REGISTRY, "hosts": ["docker.*"], "default": True, "library": True},
+    {"name": "private.io", "upstream": REGISTRY, "hosts": ["private.*"], "username": "bob", "password_env": "PW"},
+    {"name": "pass.io", "upstream": REGISTRY, "hosts": ["pass.*"], "blob_redirect": "pass"},
+]
 
 
 @pytest.fixture
 def app(fake):
-    table = parse_routes(ROUTES, "routes.toml", {"PW": "hunter2"})
     # The manifest cache would answer repeated requests itself; its own tests are in test_manifest_cache.py.
-    return create_app(Settings(manifest_cache_bytes=0), table=table, transport=httpx.MockTransport(fake))
+    return in_process_app(fake, ROUTES, env={"PW": "hunter2"})
 
 
 @pytest.fixture
 async def client(app):
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw.test") as c:
+    async with in_process_client(app) as c:
         yield c
 
 
@@ -80,15 +72,6 @@ async def raw_asgi_get(app, raw_path: str) -> tuple[int, list[tuple[bytes, bytes
     await app(scope, receive, send)
     start = messages[0]
     return start["status"], list(start["headers"]), b"".join(m.get("body", b"") for m in messages[1:])
-
-
-def errors(resp: httpx.Response) -> list[dict]:
-    assert resp.headers["content-type"] == "application/json"
-    doc = resp.json()
-    assert set(doc) == {"errors"}
-    for e in doc["errors"]:
-        assert {"code", "message", "detail"} <= set(e)
-    return doc["errors"]
 
 
 async def test_ping(client):
@@ -194,7 +177,7 @@ async def test_unsatisfiable_range_is_416_json(client):
     resp = await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", headers={"range": f"bytes={len(BLOB) + 5}-"})
     assert resp.status_code == 416
     assert resp.headers["content-range"] == f"bytes */{len(BLOB)}"
-    assert errors(resp)[0]["code"] == "RANGE_INVALID"
+    assert registry_errors(resp)[0]["code"] == "RANGE_INVALID"
 
 
 async def test_blob_head_follows_the_redirect_too(client, fake):
@@ -217,8 +200,8 @@ async def test_redirect_loop_is_a_502_naming_the_upstream(client, fake):
     fake.override = lambda r: response(307, b"", {"location": "/v2/loop/blobs/x"}) if "blobs" in r.url.path else None
     resp = await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")
     assert resp.status_code == 502
-    assert "redirected more than 5 times" in errors(resp)[0]["message"]
-    assert "docker.io" in errors(resp)[0]["message"]
+    assert "redirected more than 5 times" in registry_errors(resp)[0]["message"]
+    assert "docker.io" in registry_errors(resp)[0]["message"]
 
 
 async def test_configured_credentials_go_only_to_the_upstreams_own_realm(client, fake):
@@ -258,7 +241,7 @@ async def test_upstream_401_after_a_fresh_token_passes_through_without_the_upstr
     fake.override = deny
     resp = await client.get("/v2/private/x/manifests/v1")
     assert resp.status_code == 401
-    assert errors(resp)[0] == {
+    assert registry_errors(resp)[0] == {
         "code": "UNAUTHORIZED",
         "message": "access to the requested resource is not authorized",
         "detail": None,
@@ -270,7 +253,7 @@ async def test_upstream_401_after_a_fresh_token_passes_through_without_the_upstr
 async def test_registry_errors_pass_through_verbatim(client):
     resp = await client.get("/v2/alpine/manifests/missing")
     assert resp.status_code == 404
-    assert errors(resp) == [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown", "detail": None}]
+    assert registry_errors(resp) == [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown", "detail": None}]
 
 
 async def test_rate_limit_passes_through_with_retry_after_and_ratelimit_headers(client, fake):
@@ -286,7 +269,7 @@ async def test_rate_limit_passes_through_with_retry_after_and_ratelimit_headers(
     )
     resp = await client.get("/v2/alpine/manifests/latest")
     assert resp.status_code == 429
-    assert errors(resp)[0]["code"] == "TOOMANYREQUESTS"
+    assert registry_errors(resp)[0]["code"] == "TOOMANYREQUESTS"
     assert resp.headers["retry-after"] == "3600"
     assert resp.headers["ratelimit-limit"] == "100;w=21600"
     assert resp.headers["ratelimit-remaining"] == "0;w=21600"
@@ -308,7 +291,7 @@ async def test_non_registry_error_bodies_are_wrapped_as_json(client, fake, statu
     )
     resp = await client.get(f"/v2/alpine/{kind_path}")
     assert resp.status_code == status
-    (error,) = errors(resp)
+    (error,) = registry_errors(resp)
     assert error["code"] == code
     assert "docker.io" in error["message"]
 
@@ -323,12 +306,12 @@ async def test_upstream_unreachable_and_slow(client, fake):
     fake.override = fail(httpx.ConnectError)
     resp = await client.get("/v2/alpine/manifests/latest")
     assert resp.status_code == 502
-    assert "docker.io" in errors(resp)[0]["message"]
-    assert "unreachable" in errors(resp)[0]["message"]
+    assert "docker.io" in registry_errors(resp)[0]["message"]
+    assert "unreachable" in registry_errors(resp)[0]["message"]
     fake.override = fail(httpx.ConnectTimeout)
     resp = await client.get("/v2/alpine/manifests/latest")
     assert resp.status_code == 504
-    assert "timed out" in errors(resp)[0]["message"]
+    assert "timed out" in registry_errors(resp)[0]["message"]
 
 
 async def test_missing_digest_is_computed_over_the_exact_bytes(client, fake):
@@ -349,7 +332,7 @@ async def test_oversized_manifest_is_refused(client, fake):
     )
     resp = await client.get("/v2/alpine/manifests/latest")
     assert resp.status_code == 502
-    assert "larger than" in errors(resp)[0]["message"]
+    assert "larger than" in registry_errors(resp)[0]["message"]
 
 
 async def test_tags_list_forwards_n_and_last_and_rewrites_link(client, fake):
@@ -380,7 +363,7 @@ async def test_link_keeps_library_when_the_client_used_it(client):
 async def test_absurd_page_sizes_are_refused(client, query):
     resp = await client.get(f"/v2/alpine/tags/list?{query}")
     assert resp.status_code == 400
-    assert errors(resp)[0]["code"] == "PAGINATION_NUMBER_INVALID"
+    assert registry_errors(resp)[0]["code"] == "PAGINATION_NUMBER_INVALID"
 
 
 async def test_ns_selects_the_route_and_unknown_ns_is_refused(client, fake):
@@ -389,7 +372,7 @@ async def test_ns_selects_the_route_and_unknown_ns_is_refused(client, fake):
     assert "ns" not in fake.seen(REGISTRY)[-1].url.params
     resp = await client.get("/v2/library/alpine/manifests/latest?ns=evil.example")
     assert resp.status_code == 404
-    assert errors(resp)[0]["code"] == "NAME_UNKNOWN"
+    assert registry_errors(resp)[0]["code"] == "NAME_UNKNOWN"
     assert not any(r.url.host == "evil.example" for r in fake.requests)
 
 
@@ -401,20 +384,20 @@ async def test_writes_are_405_unsupported(client, fake, method, path):
     resp = await client.request(method, path)
     assert resp.status_code == 405
     assert resp.headers["allow"] == "GET, HEAD"
-    assert errors(resp)[0]["code"] == "UNSUPPORTED"
+    assert registry_errors(resp)[0]["code"] == "UNSUPPORTED"
     assert not fake.requests
 
 
 async def test_catalog_and_unknown_paths(client, fake):
     resp = await client.get("/v2/_catalog")
     assert resp.status_code == 404
-    assert errors(resp)[0]["code"] == "UNSUPPORTED"
+    assert registry_errors(resp)[0]["code"] == "UNSUPPORTED"
     resp = await client.get("/v2/alpine/whatever")
     assert resp.status_code == 404
-    assert errors(resp)[0]["code"] == "UNSUPPORTED"
+    assert registry_errors(resp)[0]["code"] == "UNSUPPORTED"
     resp = await client.get("/elsewhere")
     assert resp.status_code == 404
-    assert errors(resp)[0]["code"] == "UNSUPPORTED"
+    assert registry_errors(resp)[0]["code"] == "UNSUPPORTED"
     assert not fake.requests
 
 
@@ -507,7 +490,7 @@ async def test_metrics_count_requests_bytes_tokens_and_redirects(client, fake):
     assert sample(after, "registry_gateway_streams_in_flight", route="docker.io") == 0
 
 
-async def test_metrics_count_upstream_errors_by_kind(client, fake):
+async def test_metrics_count_upstream_errors_by_reason(client, fake):
     def refuse(request):
         raise httpx.ConnectError("refused", request=request)
 
@@ -517,7 +500,8 @@ async def test_metrics_count_upstream_errors_by_kind(client, fake):
     after = (await client.get("/metrics")).text
     name = "registry_gateway_upstream_errors_total"
     assert (
-        sample(after, name, route="docker.io", kind="connect") - sample(before, name, route="docker.io", kind="connect")
+        sample(after, name, route="docker.io", reason="connect")
+        - sample(before, name, route="docker.io", reason="connect")
         == 1
     )
 
@@ -550,8 +534,7 @@ async def test_no_header_is_sent_twice(fake):
     """Upstreams spell names their way (Content-Length); the answer must not repeat one (wrk, llhttp refuse that)."""
     spelled = {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Content-Length": str(len(MANIFEST))}
     fake.override = lambda r: response(200, MANIFEST, spelled) if r.url.host == "registry.test" else None
-    table = parse_routes(ROUTES, "routes.toml", {"PW": "hunter2"})
-    app = create_app(Settings(), table=table, transport=httpx.MockTransport(fake))
+    app = in_process_app(fake, ROUTES, Settings(), env={"PW": "hunter2"})
     status, headers, body = await raw_asgi_get(app, "/v2/alpine/manifests/latest")
     assert status == 200
     assert body == MANIFEST

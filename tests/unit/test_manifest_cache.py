@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
 
 from gateway import manifest_cache
-from gateway.app import create_app
 from gateway.manifest_cache import ManifestCache, normalise_accept
-from gateway.routes import parse_routes
 from gateway.settings import Settings
+from tests.unit.conftest import Clock, in_process_app, in_process_client
 from tests.unit.fake_registry import MANIFEST, MANIFEST_DIGEST, REGISTRY, FakeRegistry, registry_error, response
 
 OCI = "application/vnd.oci.image.manifest.v1+json"
 LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_normalise_accept():
@@ -80,19 +72,14 @@ def test_memory_is_bounded_least_recently_used_first():
     assert cache.get(("r", "repo", "huge", ""), head=False) is None
 
 
-ROUTES = [
+ROUTES: list[dict[str, Any]] = [
     {"name": "docker.io", "upstream": REGISTRY, "default": True, "library": True},
     {"name": "ghcr.io", "upstream": REGISTRY, "hosts": ["ghcr.*"], "auth": "passthrough"},
 ]
 
 
 def client_for(fake: FakeRegistry, **settings: float) -> httpx.AsyncClient:
-    app = create_app(
-        Settings.model_validate(settings),
-        table=parse_routes({"route": ROUTES}, "r.toml", {}),
-        transport=httpx.MockTransport(fake),
-    )
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw.test")
+    return in_process_client(in_process_app(fake, ROUTES, Settings.model_validate(settings)))
 
 
 def manifest_requests(fake: FakeRegistry) -> list[httpx.Request]:

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import RegistryError
-from gateway.routes import ConfigError, RouteTable, host_without_port, load_routes, parse_routes
+from gateway.errors import ConfigError, RegistryError
+from gateway.routes import GatewayTokens, RequestFacts, RouteTable, host_without_port
+from gateway.routes_file import load_routes, parse_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +87,7 @@ RESOLUTION = [
 
 @pytest.mark.parametrize(("host", "name", "ns", "expected"), RESOLUTION)
 def test_resolution(table, host, name, ns, expected):
-    target = table.resolve(host, name, ns)
+    target = table.resolve(RequestFacts(host, name, ns))
     assert (target.route.name, target.upstream_name, target.client_path_name) == expected
 
 
@@ -105,7 +106,7 @@ def test_resolution(table, host, name, ns, expected):
 )
 def test_resolution_refusals(table, host, name, ns, code):
     with pytest.raises(RegistryError) as info:
-        table.resolve(host, name, ns)
+        table.resolve(RequestFacts(host, name, ns))
     assert info.value.code == code
     assert info.value.status == (404 if code == "NAME_UNKNOWN" else 400)
 
@@ -113,7 +114,7 @@ def test_resolution_refusals(table, host, name, ns, code):
 def test_no_default_route_is_name_unknown():
     table = parse_routes({"route": [{"name": "ghcr.io", "upstream": "https://ghcr.io"}]}, "r.toml", {})
     with pytest.raises(RegistryError) as info:
-        table.resolve("example.com", "alpine", None)
+        table.resolve(RequestFacts("example.com", "alpine"))
     assert info.value.code == "NAME_UNKNOWN"
 
 
@@ -203,11 +204,13 @@ def test_credentials_from_environment_and_file(tmp_path):
         env,
     )
     ghcr, quay = table.routes
-    assert ghcr.credentials is not None
-    assert ghcr.credentials.username == "bob"
-    assert ghcr.credentials.password == "pw"
-    assert quay.credentials is not None
-    assert quay.credentials.password == "s3cret"
+    assert isinstance(ghcr.auth, GatewayTokens)
+    assert isinstance(quay.auth, GatewayTokens)
+    assert ghcr.auth.credentials is not None
+    assert ghcr.auth.credentials.username == "bob"
+    assert ghcr.auth.credentials.password == "pw"
+    assert quay.auth.credentials is not None
+    assert quay.auth.credentials.password == "s3cret"
     assert "pw" not in repr(ghcr)
     assert "s3cret" not in repr(quay)
 
@@ -242,6 +245,6 @@ def test_default_routes_toml_is_valid():
     assert getattr(table.route_for_host("quay.example.com"), "name", None) == "quay.io"
     assert getattr(table.route_for_host("gcr.example.com"), "name", None) == "gcr.io"
     assert getattr(table.route_for_host("k8s.example.com"), "name", None) == "registry.k8s.io"
-    assert table.resolve("example.com", "k8s.gcr.io/pause", None).route.name == "registry.k8s.io"
+    assert table.resolve(RequestFacts("example.com", "k8s.gcr.io/pause")).route.name == "registry.k8s.io"
     for route in table.routes:
         assert route.upstream.scheme == "https"

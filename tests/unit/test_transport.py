@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from gateway.netguard import AddressGuard
+from gateway.settings import PoolLimits
 from gateway.transport import HIGH_WATER, LeanTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -46,8 +47,12 @@ class Server:
         return head
 
 
+def pool_limits(max_connections: int = 100, max_keepalive_connections: int = 10) -> PoolLimits:
+    return PoolLimits(max_connections, max_keepalive_connections, keepalive_expiry=5.0)
+
+
 def client(**limits: int) -> httpx.AsyncClient:
-    transport = LeanTransport(limits=httpx.Limits(**limits))
+    transport = LeanTransport(limits=pool_limits(**limits))
     return httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0))
 
 
@@ -210,7 +215,7 @@ async def test_silence_is_a_read_timeout_and_refusal_a_connect_error():
         await reader.read()
 
     async with Server(silent) as url:
-        transport = LeanTransport(limits=httpx.Limits())
+        transport = LeanTransport(limits=pool_limits())
         async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(0.3)) as c:
             with pytest.raises(httpx.ReadTimeout):
                 await c.get(url)
@@ -220,7 +225,7 @@ async def test_silence_is_a_read_timeout_and_refusal_a_connect_error():
 
 
 async def test_the_address_guard():
-    transport = LeanTransport(limits=httpx.Limits(), guard=AddressGuard([("127.0.0.1", 1)], allow_private=False))
+    transport = LeanTransport(limits=pool_limits(), guard=AddressGuard([("127.0.0.1", 1)], allow_private=False))
     async with httpx.AsyncClient(transport=transport) as c:
         with pytest.raises(httpx.ConnectError, match="address policy"):
             await c.get("http://localhost:8/")
@@ -242,7 +247,7 @@ async def test_pool_limit_waits_then_times_out():
         await writer.drain()
 
     async with Server(slow) as url:
-        transport = LeanTransport(limits=httpx.Limits(max_connections=1))
+        transport = LeanTransport(limits=pool_limits(max_connections=1))
         async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=0.2)) as c:
             first = asyncio.ensure_future(c.get(url))
             await asyncio.sleep(0.1)

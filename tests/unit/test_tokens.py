@@ -4,20 +4,14 @@ import json
 import httpx
 import pytest
 
-from gateway.auth import Token, TokenCache, TokenKey, fetch_token, parse_token_answer, token_lifetime
 from gateway.errors import RegistryError
 from gateway.routes import Credentials
+from gateway.settings import Settings
+from gateway.tokens import Token, TokenCache, TokenKey, fetch_token, parse_token_answer, token_lifetime
+from tests.unit.conftest import Clock
 
 KEY = TokenKey("https://auth.example/token", "svc", ("repository:library/alpine:pull",), None)
 NOW = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.mark.parametrize(
@@ -62,7 +56,7 @@ def test_parse_token_answer(body, ok):
 
 
 async def test_cache_keeps_until_expiry_minus_margin():
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = TokenCache(clock=clock, refresh_margin=5)
     fetches = 0
 
@@ -80,7 +74,7 @@ async def test_cache_keeps_until_expiry_minus_margin():
 
 
 async def test_cache_keys_are_separate():
-    cache = TokenCache(clock=Clock())
+    cache = TokenCache(clock=Clock(1000.0))
     other_scope = TokenKey(KEY.realm, KEY.service, ("repository:library/busybox:pull",), None)
     with_user = TokenKey(KEY.realm, KEY.service, KEY.scopes, "user:bob")
     values = iter(["a", "b", "c"])
@@ -92,7 +86,7 @@ async def test_cache_keys_are_separate():
 
 
 async def test_one_fetch_in_flight_for_100_waiters():
-    cache = TokenCache(clock=Clock())
+    cache = TokenCache(clock=Clock(1000.0))
     started = asyncio.Event()
     release = asyncio.Event()
     calls = 0
@@ -112,7 +106,7 @@ async def test_one_fetch_in_flight_for_100_waiters():
 
 
 async def test_first_waiter_leaving_does_not_cancel_the_fetch():
-    cache = TokenCache(clock=Clock())
+    cache = TokenCache(clock=Clock(1000.0))
     release = asyncio.Event()
 
     async def fetch() -> Token:
@@ -129,7 +123,7 @@ async def test_first_waiter_leaving_does_not_cancel_the_fetch():
 
 
 async def test_failed_fetch_is_not_cached_and_reaches_every_waiter():
-    cache = TokenCache(clock=Clock())
+    cache = TokenCache(clock=Clock(1000.0))
     attempts = 0
 
     async def fetch() -> Token:
@@ -147,7 +141,7 @@ async def test_failed_fetch_is_not_cached_and_reaches_every_waiter():
 
 
 async def test_invalidate_only_drops_the_refused_token():
-    cache = TokenCache(clock=Clock())
+    cache = TokenCache(clock=Clock(1000.0))
 
     async def fetch() -> Token:
         return Token("new", 300)
@@ -160,7 +154,7 @@ async def test_invalidate_only_drops_the_refused_token():
 
 
 async def test_cache_is_bounded():
-    clock = Clock()
+    clock = Clock(1000.0)
     cache = TokenCache(clock=clock, max_entries=10)
     for i in range(25):
         key = TokenKey("r", "s", (f"repository:r{i}:pull",), None)
@@ -172,20 +166,22 @@ async def test_cache_is_bounded():
     assert len(cache) == 10
 
 
+TIMEOUTS = Settings(token_timeout=5).timeouts()
+
+
 def _token_server(status=200, body=b'{"token":"abc","expires_in":120}', headers=None, seen=None):
     def handler(request: httpx.Request) -> httpx.Response:
         if seen is not None:
             seen.append(request)
         return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
 
-    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return httpx.MockTransport(handler)
 
 
 async def test_fetch_token_sends_service_scopes_and_basic_credentials():
     seen: list[httpx.Request] = []
     key = TokenKey("https://auth.example/token", "svc", ("repository:a:pull", "repository:b:pull"), "user:bob")
-    async with _token_server(seen=seen) as http:
-        token = await fetch_token(http, key, Credentials("bob", "pw"), timeout=5)
+    token = await fetch_token(_token_server(seen=seen), key, Credentials("bob", "pw"), timeouts=TIMEOUTS)
     assert token.value == "abc"
     assert token.lifetime == 120
     request = seen[0]
@@ -207,9 +203,10 @@ async def test_fetch_token_sends_service_scopes_and_basic_credentials():
     ],
 )
 async def test_fetch_token_failures(status, body, credentials, expected_status, code):
-    async with _token_server(status, body, headers={"retry-after": "30"}) as http:
-        with pytest.raises(RegistryError) as info:
-            await fetch_token(http, KEY, credentials, timeout=5)
+    with pytest.raises(RegistryError) as info:
+        await fetch_token(
+            _token_server(status, body, headers={"retry-after": "30"}), KEY, credentials, timeouts=TIMEOUTS
+        )
     assert (info.value.status, info.value.code) == (expected_status, code)
     if status == 429:
         assert info.value.headers == {"retry-after": "30"}
@@ -224,9 +221,8 @@ async def test_fetch_token_unreachable_and_timeout():
         raise httpx.ReadTimeout("slow", request=request)
 
     for handler, status in ((refuse, 502), (slow, 504)):
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-            with pytest.raises(RegistryError) as info:
-                await fetch_token(http, KEY, None, timeout=5)
+        with pytest.raises(RegistryError) as info:
+            await fetch_token(httpx.MockTransport(handler), KEY, None, timeouts=TIMEOUTS)
         assert info.value.status == status
         assert KEY.realm in info.value.message
 

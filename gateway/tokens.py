@@ -27,10 +27,12 @@ from datetime import datetime
 import httpx
 
 from gateway import metrics
+from gateway.egress import send
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, RegistryError
 from gateway.httputil import read_capped
-from gateway.netguard import REFUSED
 from gateway.routes import Credentials
+from gateway.settings import Timeouts
+from gateway.upstream_errors import TOKEN, upstream_errors
 
 DEFAULT_EXPIRES_IN = 60.0  # token spec: "defaults to 60 seconds"
 MAX_TOKEN_BODY = 1 << 20  # real token answers are a few KiB; a bigger one is broken or hostile
@@ -177,44 +179,40 @@ Params = list[tuple[str, str | int | float | bool | None]]
 
 
 async def token_request(
-    http: httpx.AsyncClient, realm: str, params: Params, headers: dict[str, str], *, timeout: float
+    transport: httpx.AsyncBaseTransport,
+    realm: str,
+    params: Params,
+    headers: dict[str, str],
+    *,
+    timeouts: Timeouts,
 ) -> tuple[httpx.Response, bytes]:
-    """GET a token realm; its answer and whole body, all within ``timeout`` seconds.
+    """GET a token realm; its answer and whole body, all within ``timeouts.token`` seconds.
 
     The deadline covers the body too: a realm that trickles its answer byte by byte (each
-    read inside httpx's per-read timeout) still cannot hold a request forever. The body is
+    read inside the per-read timeout) still cannot hold a request forever. The body is
     capped at MAX_TOKEN_BODY. Every failure becomes a RegistryError naming the realm;
     the caller judges the status.
     """
-    try:
-        async with asyncio.timeout(timeout), http.stream("GET", realm, params=params, headers=headers) as resp:
-            body = await read_capped(resp, MAX_TOKEN_BODY)
-    except (httpx.TimeoutException, TimeoutError):
-        raise RegistryError(
-            504, UNAVAILABLE, f"the upstream token endpoint {realm} did not answer within {timeout:g} s", retryable=True
-        ) from None
-    except httpx.HTTPError as exc:
-        if REFUSED in str(exc):
-            raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm}: {exc}") from None
-        raise RegistryError(
-            502,
-            UNAVAILABLE,
-            f"the upstream token endpoint {realm} is unreachable: {type(exc).__name__}",
-            retryable=isinstance(exc, httpx.TransportError),
-        ) from None
-    except (httpx.InvalidURL, ValueError):
-        raise RegistryError(502, UNAVAILABLE, "the upstream named a token endpoint that is not a valid URL") from None
+    # upstream_errors outside the deadline: asyncio.timeout raises TimeoutError as it exits.
+    with upstream_errors(TOKEN, f"the upstream token endpoint {realm}", f"{timeouts.token:g}"):
+        async with asyncio.timeout(timeouts.token):
+            url = httpx.URL(realm).copy_merge_params(params)
+            resp = await send(transport, "GET", url, headers, timeouts)
+            try:
+                body = await read_capped(resp, MAX_TOKEN_BODY)
+            finally:
+                await resp.aclose()
     if body is None:
         raise RegistryError(502, UNAVAILABLE, f"the upstream token endpoint {realm} sent an oversized answer")
     return resp, body
 
 
 async def fetch_token(
-    http: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     key: TokenKey,
     credentials: Credentials | None,
     *,
-    timeout: float,
+    timeouts: Timeouts,
     wall_clock: Callable[[], float] = time.time,
 ) -> Token:
     """One token for ``key``: asked with the route's credentials, or anonymously."""
@@ -223,12 +221,12 @@ async def fetch_token(
         params.append(("service", key.service))
     params.extend(("scope", scope) for scope in key.scopes)
     # identity: the answer is read and capped here, never inflated by a decoder first.
-    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    headers = {"accept": "application/json", "accept-encoding": "identity"}
     if credentials is not None:
-        headers["Authorization"] = basic_authorization(credentials)
+        headers["authorization"] = basic_authorization(credentials)
         params.append(("account", credentials.username))
     realm = key.realm
-    resp, body = await token_request(http, realm, params, headers, timeout=timeout)
+    resp, body = await token_request(transport, realm, params, headers, timeouts=timeouts)
     if resp.status_code == 200:
         return parse_token_answer(body, wall_clock())
     if resp.status_code in (401, 403):

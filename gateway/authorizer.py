@@ -1,0 +1,210 @@
+"""Who may send what ``Authorization`` where: upstream authorization, one hop at a time.
+
+A request may reach several origins: the route's upstream, then a redirect target (a
+CDN, or registry.k8s.io's Artifact Registry with a token realm of its own). For each
+hop the upstream client asks its route's authorizer two questions, in the spirit of
+go-containerregistry's ``transport/bearer.go``:
+
+- ``up_front``: the Authorization to send to this origin before it asks (a token for
+  the challenge it sent last time, so that a warm pull costs one request, not two);
+- ``answer``: the Authorization that answers this 401 challenge (``None``: relay the 401).
+
+Two implementations, one per route mode (``routes.UpstreamAuth``):
+
+- ``GatewayTokenAuthorizer`` (``auth = "gateway"``): the gateway's own tokens, anonymous or
+  bought with the route's credentials. The credentials answer challenges from the one
+  upstream they belong to (``credentials_origin``) and nowhere else; a redirect target's
+  challenge is answered anonymously. A refused token is dropped and one fresh token
+  tried, once.
+- ``ClientTokenAuthorizer`` (``auth = "passthrough"``): the client's own token goes to the
+  route's upstreams (which issued it) and to nothing else; any other origin is treated
+  as above, anonymously.
+
+Token realms must pass the route's address policy before a token is asked for
+(``policy.py``). Adding a mode is a type in ``routes.py`` and a class here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from gateway import metrics
+from gateway.challenge import Challenge, parse_challenges, pick_challenge
+from gateway.errors import LoginRequired, RegistryError
+from gateway.policy import Origin, TargetRefused
+from gateway.routes import ClientTokens, Credentials, GatewayTokens, Route
+from gateway.settings import Timeouts
+from gateway.tokens import Token, TokenCache, TokenKey, basic_authorization, fetch_token
+from gateway.upstream_errors import refused_target
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """What authorizes one client request upstream: the client's own Authorization, or nothing of its."""
+
+    client_authorization: str | None = None
+
+    @property
+    def from_client(self) -> bool:
+        return self.client_authorization is not None
+
+
+GATEWAY_LOGIN = Login()
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One origin a request reaches, and the repository a token for it must grant."""
+
+    origin: Origin
+    repository: str
+
+
+class Authorizer(abc.ABC):
+    """One route's upstream authorization: the challenges each origin sent, and how to answer them."""
+
+    #: Whether an upstream answer is the same whoever asked, so that it may be served to
+    #: another client (the manifest cache).
+    shares_answers: bool = True
+
+    def __init__(self, route: Route, tokens: TokenCache, transport: httpx.AsyncBaseTransport, timeouts: Timeouts):
+        self.route = route
+        self.tokens = tokens
+        self.transport = transport
+        self.timeouts = timeouts
+        self.trusted_origins = route.origins
+        # The last challenge each origin sent, without its scope (the scope belongs to one
+        # repository): lets later requests attach a token up front.
+        self._challenges: dict[Origin, Challenge] = {}
+
+    @abc.abstractmethod
+    def admit(self, authorization: str | None, repository: str | None) -> Login:
+        """The login a client request carries; raises LoginRequired when it must log in first."""
+
+    @abc.abstractmethod
+    async def up_front(self, login: Login, hop: Hop) -> str | None:
+        """The Authorization to send to ``hop`` before it asks, if any."""
+
+    @abc.abstractmethod
+    async def answer(self, login: Login, hop: Hop, challenges: Sequence[str], sent: str | None) -> str | None:
+        """The Authorization answering a 401 with these ``WWW-Authenticate`` values; None: relay the 401."""
+
+    def remembered(self, origin: Origin) -> Challenge | None:
+        return self._challenges.get(origin)
+
+    def remember(self, origin: Origin, challenge: Challenge) -> Challenge:
+        known = Challenge(challenge.scheme, {k: v for k, v in challenge.params.items() if k != "scope"})
+        self._challenges[origin] = known
+        return known
+
+    def check_realm(self, realm: str) -> None:
+        try:
+            self.route.check_destination(realm)
+        except TargetRefused as exc:
+            metrics.upstream_error(self.route.name, "policy")
+            raise refused_target(f"upstream {self.route.name}", "sent its token realm", exc) from None
+
+
+class GatewayTokenAuthorizer(Authorizer):
+    """The gateway's own tokens: anonymous, or bought with the route's credentials for their upstream only."""
+
+    def __init__(
+        self,
+        route: Route,
+        tokens: TokenCache,
+        transport: httpx.AsyncBaseTransport,
+        timeouts: Timeouts,
+        mode: GatewayTokens | None = None,
+    ) -> None:
+        super().__init__(route, tokens, transport, timeouts)
+        self.mode = mode or GatewayTokens()
+
+    def admit(self, authorization: str | None, repository: str | None) -> Login:
+        return GATEWAY_LOGIN  # the client's Authorization is never sent upstream
+
+    def credentials_for(self, origin: Origin) -> Credentials | None:
+        """The route's credentials, for the one origin they belong to; None anywhere else."""
+        return self.mode.credentials if origin == self.mode.credentials_origin else None
+
+    async def up_front(self, login: Login, hop: Hop) -> str | None:
+        known = self._challenges.get(hop.origin)
+        if known is None:
+            return None
+        try:
+            return await self._authorization(known, hop, None)
+        except RegistryError:
+            # The remembered realm fails: forget it and ask the upstream where its token
+            # service is now (a registry may move it); if that fails too, the error stands.
+            self._challenges.pop(hop.origin, None)
+            return None
+
+    async def answer(self, login: Login, hop: Hop, challenges: Sequence[str], sent: str | None) -> str | None:
+        challenge = pick_challenge(parse_challenges(list(challenges)))
+        if challenge is None:
+            return None
+        self.remember(hop.origin, challenge)
+        fresh = await self._authorization(challenge, hop, sent)
+        return None if fresh == sent else fresh
+
+    async def _authorization(self, challenge: Challenge, hop: Hop, refused: str | None) -> str | None:
+        """The Authorization value answering ``challenge`` for ``hop.repository``."""
+        credentials = self.credentials_for(hop.origin)
+        if challenge.scheme == "basic":
+            return basic_authorization(credentials) if credentials else None
+        realm = challenge.realm
+        if realm is None:
+            return None
+        self.check_realm(realm)
+        scope = challenge.scope or f"repository:{hop.repository}:pull"
+        key = TokenKey(
+            realm=realm,
+            service=challenge.service,
+            scopes=tuple(scope.split(" ")),
+            identity=credentials.identity if credentials else None,
+        )
+        if refused is not None and refused.startswith("Bearer "):
+            self.tokens.invalidate(key, refused[7:])
+
+        async def fetch() -> Token:
+            try:
+                return await fetch_token(self.transport, key, credentials, timeouts=self.timeouts)
+            except RegistryError:
+                metrics.upstream_error(self.route.name, "token")
+                raise
+
+        return "Bearer " + await self.tokens.obtain(key, fetch)
+
+
+class ClientTokenAuthorizer(GatewayTokenAuthorizer):
+    """The client's own token, to the route's upstreams only; other origins as the gateway, anonymously."""
+
+    shares_answers = False
+
+    def admit(self, authorization: str | None, repository: str | None) -> Login:
+        if authorization is None or not authorization.isascii():
+            raise LoginRequired(self.route.name, repository)
+        return Login(authorization)
+
+    async def up_front(self, login: Login, hop: Hop) -> str | None:
+        if hop.origin in self.trusted_origins:
+            return login.client_authorization
+        return await super().up_front(login, hop)
+
+    async def answer(self, login: Login, hop: Hop, challenges: Sequence[str], sent: str | None) -> str | None:
+        if hop.origin in self.trusted_origins:
+            return None  # the upstream refused the client's token: the client must log in again
+        return await super().answer(login, hop, challenges, sent)
+
+
+def authorizer_for(
+    route: Route, tokens: TokenCache, transport: httpx.AsyncBaseTransport, timeouts: Timeouts
+) -> Authorizer:
+    """The authorizer for the route's mode."""
+    mode = route.auth
+    if isinstance(mode, ClientTokens):
+        return ClientTokenAuthorizer(route, tokens, transport, timeouts)
+    return GatewayTokenAuthorizer(route, tokens, transport, timeouts, mode)

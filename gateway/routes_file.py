@@ -1,0 +1,262 @@
+"""``routes.toml`` in, a validated ``RouteTable`` out.
+
+Loading validates everything once, at start-up, and reports the first problem as
+one line naming the file, the route and the key (``ConfigError``): a pydantic model
+per table for the keys and their types, then the checks that span keys (credentials
+and the upstream they belong to, prefixes, host patterns). Secrets come from the
+environment or from files (``*_env``, ``*_file``), never from the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import ConfigError
+from gateway.policy import Origin
+from gateway.routes import (
+    ClientTokens,
+    Credentials,
+    GatewayTokens,
+    RepositoryPolicy,
+    Route,
+    RouteTable,
+    Upstream,
+    UpstreamAuth,
+)
+
+_REGISTRY_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?\Z")
+_HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
+
+
+class _RouteModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    upstream: str | list[str]
+    hosts: list[str] = []
+    prefixes: list[str] = []
+    default: bool = False
+    library: bool = False
+    username: str | None = None
+    username_env: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    credentials_upstream: str | None = None
+    blob_redirect: Literal["follow", "pass"] = "follow"
+    auth: Literal["gateway", "passthrough"] = "gateway"
+    allow_private_addresses: bool = False
+    allow: list[str] = []
+    deny: list[str] = []
+
+
+class _FileModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    route: list[dict[str, Any]] = Field(min_length=1)
+
+
+def _describe_validation_error(exc: ValidationError) -> tuple[str, str]:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return key, "unknown key"
+    if first["type"] == "missing":
+        return key, "required key is missing"
+    return key, first["msg"]
+
+
+def _parse_upstream(url: str) -> Upstream:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host")
+    if parts.username or parts.password:
+        raise ValueError("credentials do not belong in the URL: use username_env / password_env or password_file")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r} must be a bare origin (scheme://host[:port]) without a path or query")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has an invalid port") from exc
+    host = parts.hostname.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    default_port = 443 if parts.scheme == "https" else 80
+    base = f"{parts.scheme}://{netloc}" + ("" if port == default_port else f":{port}")
+    return Upstream(url=base, scheme=parts.scheme, host=host, port=port)
+
+
+def _check_host_pattern(pattern: str) -> str:
+    pattern = pattern.strip().lower().rstrip(".")
+    labels = pattern.split(".")
+    if len(labels) >= 2 and labels[-1] == "*" and "*" not in labels[:-1]:
+        # "ghcr.*" and "ghcr.mirror.*": the first labels are fixed, the domain is any.
+        ok = all(_HOST_LABEL_RE.match(label) for label in labels[:-1])
+    elif len(labels) >= 2 and labels[0] == "*" and "*" not in labels[1:]:
+        ok = all(_HOST_LABEL_RE.match(label) for label in labels[1:])
+    else:
+        ok = all(_HOST_LABEL_RE.match(label) for label in labels)
+    if not ok:
+        raise ValueError(f"{pattern!r} is not a host name, 'label.*' or '*.domain' pattern")
+    return pattern
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        # Kubernetes secret files and `echo secret > file` both end in a newline that is
+        # not part of the secret.
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _credentials(model: _RouteModel, environ: Mapping[str, str]) -> Credentials | None:
+    if model.username is not None and model.username_env is not None:
+        raise ValueError("username: set username or username_env, not both")
+    if model.password_env is not None and model.password_file is not None:
+        raise ValueError("password_env: set password_env or password_file, not both")
+    username = model.username
+    if model.username_env is not None:
+        username = environ.get(model.username_env)
+        if not username:
+            raise ValueError(f"username_env: environment variable {model.username_env} is not set")
+    password: str | None = None
+    if model.password_env is not None:
+        password = environ.get(model.password_env)
+        if not password:
+            raise ValueError(f"password_env: environment variable {model.password_env} is not set")
+    elif model.password_file is not None:
+        try:
+            password = _read_secret_file(model.password_file)
+        except ValueError as exc:
+            raise ValueError(f"password_file: {exc}") from None
+    if username is None and password is None:
+        return None
+    if username is None or password is None:
+        raise ValueError("credentials need both a username and a password")
+    return Credentials(username=username, password=password)
+
+
+def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
+    urls = [model.upstream] if isinstance(model.upstream, str) else model.upstream
+    if not urls:
+        raise ValueError("upstream: the list is empty")
+    try:
+        upstreams = tuple(_parse_upstream(url) for url in urls)
+    except ValueError as exc:
+        raise ValueError(f"upstream: {exc}") from None
+    if len({u.origin for u in upstreams}) != len(upstreams):
+        raise ValueError("upstream: the same upstream is listed twice")
+    return upstreams
+
+
+def _credentials_origin(
+    model: _RouteModel, upstreams: tuple[Upstream, ...], credentials: Credentials | None
+) -> Origin | None:
+    if model.credentials_upstream is not None:
+        try:
+            wanted = _parse_upstream(model.credentials_upstream).origin
+        except ValueError as exc:
+            raise ValueError(f"credentials_upstream: {exc}") from None
+        if wanted not in {u.origin for u in upstreams}:
+            raise ValueError("credentials_upstream: not one of this route's upstreams")
+        return wanted
+    if credentials is None:
+        return None
+    if len(upstreams) > 1:
+        # Sending one registry's credentials to a mirror of it would leak them: say which.
+        raise ValueError("credentials_upstream: required when a route with credentials lists several upstreams")
+    return upstreams[0].origin
+
+
+def _upstream_auth(model: _RouteModel, upstreams: tuple[Upstream, ...], environ: Mapping[str, str]) -> UpstreamAuth:
+    credentials = _credentials(model, environ)
+    credentials_origin = _credentials_origin(model, upstreams, credentials)
+    if model.auth == "passthrough":
+        if credentials is not None:
+            raise ValueError("auth: a passthrough route forwards its clients' logins and takes no credentials")
+        return ClientTokens()
+    return GatewayTokens(credentials, credentials_origin)
+
+
+def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
+    name = model.name.lower()
+    if not _REGISTRY_NAME_RE.match(name):
+        raise ValueError(f"name: {model.name!r} is not a registry host name such as 'ghcr.io'")
+    upstreams = _upstreams(model)
+    auth = _upstream_auth(model, upstreams, environ)
+    try:
+        policy = RepositoryPolicy.build(model.allow, model.deny)
+    except ValueError as exc:
+        raise ValueError(f"allow/deny: {exc}") from None
+    prefixes: list[str] = [name]
+    for prefix in model.prefixes:
+        prefix = prefix.strip().strip("/").lower()
+        if not _REGISTRY_NAME_RE.match(prefix):
+            raise ValueError(f"prefixes: {prefix!r} is not a registry host name")
+        if prefix not in prefixes:
+            prefixes.append(prefix)
+    try:
+        hosts = tuple(_check_host_pattern(p) for p in model.hosts)
+    except ValueError as exc:
+        raise ValueError(f"hosts: {exc}") from None
+    return Route(
+        name=name,
+        upstreams=upstreams,
+        hosts=hosts,
+        prefixes=tuple(prefixes),
+        default=model.default,
+        library=model.library,
+        auth=auth,
+        blob_redirect=model.blob_redirect,
+        allow_private_addresses=model.allow_private_addresses,
+        policy=policy,
+    )
+
+
+def parse_routes(doc: Mapping[str, Any], source: str, environ: Mapping[str, str]) -> RouteTable:
+    """Validate a parsed routes.toml document. Raises ConfigError naming ``source``."""
+    try:
+        top = _FileModel.model_validate(doc)
+    except ValidationError as exc:
+        key, reason = _describe_validation_error(exc)
+        raise ConfigError(f"{source}: {key}: {reason}") from None
+
+    routes: list[Route] = []
+    for index, raw in enumerate(top.route, start=1):
+        label = f"route #{index}" + (f" ({raw['name']})" if isinstance(raw.get("name"), str) else "")
+        try:
+            model = _RouteModel.model_validate(raw)
+        except ValidationError as exc:
+            key, reason = _describe_validation_error(exc)
+            raise ConfigError(f"{source}: {label}: {key}: {reason}") from None
+        try:
+            routes.append(_build_route(model, environ))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {label}: {exc}") from None
+    try:
+        return RouteTable(routes)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_routes(path: Path, environ: Mapping[str, str] | None = None) -> RouteTable:
+    """Read, parse and validate a routes.toml file."""
+    try:
+        with path.open("rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_routes(doc, str(path), os.environ if environ is None else environ)
