@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import re
 import ssl
 import time
 import typing
@@ -149,7 +150,18 @@ class _Head(typing.NamedTuple):
     chunked: bool
 
 
+# RFC 9112 7.1: chunk-size = 1*HEXDIG (int(x, 16) would also take "+5", "0x5", "1_0", "-1").
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+# No real body is near 10**18 bytes; the cap also keeps int() away from its digit limit.
+_MAX_LENGTH_DIGITS = 18
+# RFC 9110 5.5, RFC 9112 2.2: CR, LF and NUL in a field value or the reason phrase must be
+# refused (a bare LF would otherwise turn a field line into part of the reason).
+_FORBIDDEN_IN_HEAD_RE = re.compile(rb"[\r\n\x00]")
+
+
 def _parse_head(raw: bytes) -> _Head:
+    if _FORBIDDEN_IN_HEAD_RE.search(raw.replace(b"\r\n", b"")):
+        raise _ProtocolError("CR, LF or NUL inside the response head")
     lines = raw.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not (parts[1].isdigit() and len(parts[1]) == 3):
@@ -169,7 +181,9 @@ def _parse_head(raw: bytes) -> _Head:
         value = value.strip()
         lower = name.lower()
         if lower == b"content-length":
-            if not value.isdigit() or (content_length is not None and content_length != int(value)):
+            if not value.isdigit() or len(value.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
+                raise _ProtocolError("invalid Content-Length")
+            if content_length is not None and content_length != int(value):
                 raise _ProtocolError("invalid Content-Length")
             content_length = int(value)
         elif lower == b"transfer-encoding":
@@ -177,10 +191,13 @@ def _parse_head(raw: bytes) -> _Head:
             if not chunked:
                 raise _ProtocolError("unsupported Transfer-Encoding")
         elif lower == b"connection":
-            connection = value.lower()
+            connection += b"," + value.lower()  # field lines combine (RFC 9110 5.3)
         headers.append((name, value))
-    if chunked:
-        content_length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+    if chunked and content_length is not None:
+        # RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and an intermediary must
+        # remove it: the client gets the decoded body, not the upstream's framing.
+        content_length = None
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
     keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in connection
     return _Head(status, reason, headers, keep_alive, content_length, chunked)
 
@@ -307,6 +324,9 @@ class _Body(httpx.AsyncByteStream):
                 break
             yield data
         self._release(clean=False)
+        if self.conn.error is not None:
+            # A close-delimited body cut by a reset is incomplete, not complete (RFC 9112 8).
+            raise httpx.ReadError(f"upstream connection failed: {self.conn.error}", request=self.request)
 
     async def _chunked(self) -> AsyncIterator[bytes]:
         buffer = b""
@@ -317,10 +337,9 @@ class _Body(httpx.AsyncByteStream):
                 buffer += await self._next()
             line, _, buffer = buffer.partition(b"\r\n")
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise _ProtocolError("invalid chunk size") from None
+            if not _CHUNK_SIZE_RE.match(size_text):
+                raise _ProtocolError("invalid chunk size")
+            size = int(size_text, 16)
             if size == 0:
                 # Trailers, then an empty line.
                 while True:

@@ -13,6 +13,7 @@ import urllib.parse
 import httpx
 import pytest
 
+from gateway.challenge import parse_www_authenticate, pick_challenge
 from tests.testbed import Testbed, TokenServer
 from tests.testbed.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.testbed.tokens import Scope
@@ -23,9 +24,11 @@ ALL_TYPES = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 
 
 def parse_challenge(header: str) -> dict[str, str]:
-    scheme, _, rest = header.partition(" ")
-    assert scheme == "Bearer", header
-    return dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    """The Bearer challenge's parameters, read by name with the gateway's own parser."""
+    challenge = pick_challenge(parse_www_authenticate(header))
+    assert challenge is not None, header
+    assert challenge.scheme == "bearer", header
+    return dict(challenge.params)
 
 
 def fetch_token(challenge: dict[str, str], auth: tuple[str, str] | None = None) -> httpx.Response:
