@@ -1,21 +1,34 @@
-"""Registry errors: the one exception type the gateway raises, and its JSON body.
+"""Registry errors: the exception types of the package, the error codes, and the JSON body.
 
 Every error a client sees is an OCI distribution error body
 (distribution-spec, "Error Codes")::
 
     {"errors": [{"code": "NAME_UNKNOWN", "message": "...", "detail": ...}]}
 
-The tree is flat on purpose::
+The exception types of the package, and where each one ends::
 
-    RegistryError                one error, one HTTP status, one spec code
-      .status                    HTTP status sent to the client
-      .code                      NAME_INVALID, NAME_UNKNOWN, MANIFEST_UNKNOWN, ...
-      .headers                   extra response headers (Allow, Retry-After, ...)
+    RegistryError                answered to the client as registry JSON (asgi.send_error)
+      .status .code .headers     HTTP status, spec code, extra response headers
       .retryable                 an unreachable or silent upstream: fail over, count it
+      .reason                    the failure class of an upstream problem (a metric label)
+      LoginRequired              401 on a passthrough route; the relay adds the gateway's challenge
+    ConfigError                  routes_file.py, access.py, app.check_settings: one line on
+                                 stderr at start-up (__main__)
+    policy.TargetRefused         a realm or redirect target outside the route's address policy;
+                                 becomes a RegistryError where it is checked (authorizer.py,
+                                 upstream.py, through upstream_errors.refused_target)
+    netguard.AddressRefused      a name that resolves to a refused address, at connect time;
+                                 chained under httpx.ConnectError by both transports
+    transport._ProtocolError     the lean transport's parser; becomes httpx.RemoteProtocolError
+    transport._StaleConnection   a kept-alive connection the server had closed; retried once
+    httpx.HTTPError, TimeoutError  from the transports and deadlines: become a RegistryError in
+                                 upstream_errors.upstream_errors, and nowhere else; once a body
+                                 is streaming there is no answer left to give, and
+                                 asgi.stream_body ends it as StreamEnd.UPSTREAM_BROKE instead
 
-Lower-level failures (httpx exceptions, bad upstream answers) are turned into a
-RegistryError at exactly one boundary each: ``upstream.py`` for the network,
-``auth.py`` for token endpoints.
+Caught at the top: ``proxy.Relay`` and ``passthrough.TokenRelay`` answer every
+RegistryError; the relay answers any other exception as a 500 registry error (logged with
+its traceback) or, mid-stream, by aborting the connection.
 """
 
 from __future__ import annotations
