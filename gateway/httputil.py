@@ -82,6 +82,28 @@ def response_headers(
 _LINK_RE = re.compile(r"<([^>]*)>\s*(.*)")
 
 
+def entity_tag_matches(if_none_match: Iterable[str], etag: str | None) -> bool:
+    """Whether an ``If-None-Match`` (all its field values) matches ``etag``: RFC 9110 13.1.2.
+
+    ``*`` matches any current representation; otherwise the comparison is weak (a ``W/``
+    prefix on either side is ignored) against each entity-tag of the comma-separated list.
+    An unquoted digest matches too, as distribution accepts it (handlers/helpers.go etagMatch).
+    """
+    wanted = _opaque_tag(etag) if etag is not None else None
+    for value in if_none_match:
+        for candidate in value.split(","):
+            candidate = candidate.strip()
+            if candidate == "*":
+                return True
+            if wanted is not None and _opaque_tag(candidate) == wanted:
+                return True
+    return False
+
+
+def _opaque_tag(entity_tag: str) -> str:
+    return entity_tag.removeprefix("W/").strip('"')
+
+
 def rewrite_next_link(value: str, client_path_name: str) -> str | None:
     """Rewrite a tags/list ``Link`` into the client's namespace.
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin
 
@@ -61,6 +62,7 @@ from gateway.httputil import (
     ERROR_RESPONSE_HEADERS,
     FORWARD_REQUEST_HEADERS,
     REDIRECT_STATUSES,
+    entity_tag_matches,
     read_capped,
     response_headers,
     rewrite_next_link,
@@ -86,6 +88,38 @@ MAX_PAGE_SIZE = 100_000
 # (an Accept of 100 KB, a cookie jar) from being forwarded or parsed at all.
 MAX_HEADER_VALUE = 8 << 10
 MAX_HEADERS_TOTAL = 32 << 10
+
+
+# RFC 9110 15.4.5: a 304 carries what a 200 would have in these fields, and no content headers.
+_NOT_MODIFIED_HEADERS = frozenset({b"etag", b"cache-control", b"expires", b"vary", b"docker-content-digest"})
+
+
+def _entity_tag(headers: Headers) -> str | None:
+    """A cached manifest's entity-tag: the upstream's ETag, else its digest quoted (distribution's ETag)."""
+    found = dict(headers)
+    if b"etag" in found:
+        return found[b"etag"].decode("latin-1")
+    digest = found.get(b"docker-content-digest")
+    return f'"{digest.decode("latin-1")}"' if digest else None
+
+
+def renamed_tag_list_start(start: bytes, upstream_name: str, client_name: str, *, complete: bool) -> bytes | None:
+    """The first bytes of a ``tags/list`` body with ``name`` in the client's namespace; None: need more bytes.
+
+    distribution-spec "Listing Tags": ``{"name": "<name>", "tags": [...]}``, where ``<name>``
+    is the repository the client asked for. The name member comes first in what registries
+    write (Go's encoding/json, compact; Python's json, with a space), so only the start of
+    the body is rewritten and the rest streams as it comes. A body that starts otherwise
+    passes unchanged. ``complete``: the body has no more bytes.
+    """
+    quoted = json.dumps(upstream_name).encode()
+    for key in (b'{"name":', b'{"name": '):
+        expected = key + quoted
+        if start.startswith(expected):
+            return key + json.dumps(client_name).encode() + start[len(expected) :]
+        if expected.startswith(start) and not complete:
+            return None
+    return start
 
 
 def check_request_headers(scope: Scope) -> None:
@@ -253,6 +287,13 @@ class Relay:
         if entry is None:
             return False
         ex.record.cache = "hit"
+        conditions = [v.decode("latin-1") for k, v in ex.scope["headers"] if k == b"if-none-match"]
+        if conditions and entity_tag_matches(conditions, _entity_tag(entry.headers)):
+            # What the upstream answers a matching If-None-Match: 304, the validators, no body.
+            validators = [(k, v) for k, v in entry.headers if k in _NOT_MODIFIED_HEADERS]
+            await ex.send({"type": "http.response.start", "status": 304, "headers": [*validators, API_VERSION_HEADER]})
+            await ex.send({"type": "http.response.body", "body": b""})
+            return True
         headers = [*entry.headers, API_VERSION_HEADER]
         if entry.body is None:  # known from a HEAD: its own Content-Length stands
             await ex.send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -341,8 +382,11 @@ class Relay:
         headers = response_headers(resp.headers)
         if ex.cache_key is not None and self.cache is not None:
             self.cache.put(ex.cache_key, headers, None)  # a manifest HEAD: headers only
+        body = resp.aiter_raw()
         if ex.api.kind is Kind.TAGS:
             headers.extend(self._links(resp, ex.target))
+            if resp.status_code == 200 and not ex.head and "content-encoding" not in resp.headers:
+                body = await self._renamed_tag_list(ex, headers, body)
         headers.append(API_VERSION_HEADER)
         await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         if ex.head or resp.status_code in (204, 304):
@@ -355,7 +399,7 @@ class Relay:
         limit = None if ex.api.kind is Kind.BLOB else ex.deadline
         try:
             async with asyncio.timeout_at(limit):
-                end, sent = await stream_body(ex.send, ex.receive, resp.aiter_raw(), upstream_errors=_STREAM_ERRORS)
+                end, sent = await stream_body(ex.send, ex.receive, body, upstream_errors=_STREAM_ERRORS)
         except TimeoutError:
             end, sent = StreamEnd.UPSTREAM_BROKE, 0
             metrics.upstream_error(ex.route_name, "timeout")
@@ -368,6 +412,41 @@ class Relay:
                 metrics.upstream_error(ex.route_name, "broken_stream")
                 fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
                 logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
+
+    async def _renamed_tag_list(
+        self, ex: Exchange, headers: Headers, body: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """The tag list's body with ``name`` as the client asked for it; ``headers``' Content-Length follows."""
+        upstream_name, client_name = ex.target.upstream_name, ex.target.client_path_name
+        if upstream_name == client_name:
+            return body
+        start = b""
+        renamed: bytes | None = None
+        try:
+            with upstream_errors(BODY, f"upstream {ex.route_name}", "a tag list"):
+                async with asyncio.timeout_at(ex.deadline):
+                    async for chunk in body:
+                        start += chunk
+                        renamed = renamed_tag_list_start(start, upstream_name, client_name, complete=False)
+                        if renamed is not None:
+                            break
+        except RegistryError as exc:
+            if exc.reason == "timeout":
+                metrics.upstream_error(ex.route_name, "timeout")
+            raise
+        if renamed is None:
+            renamed = renamed_tag_list_start(start, upstream_name, client_name, complete=True)
+            assert renamed is not None
+        for index, (name, value) in enumerate(headers):
+            if name == b"content-length" and value.isdigit():
+                headers[index] = (name, str(int(value) + len(renamed) - len(start)).encode())
+
+        async def joined() -> AsyncIterator[bytes]:
+            yield renamed
+            async for chunk in body:
+                yield chunk
+
+        return joined()
 
     @staticmethod
     def _links(resp: httpx.Response, target: Target) -> Headers:

@@ -24,8 +24,8 @@ from enum import StrEnum
 
 from gateway.errors import (
     DIGEST_INVALID,
+    MANIFEST_UNKNOWN,
     NAME_INVALID,
-    TAG_INVALID,
     UNSUPPORTED,
     RegistryError,
 )
@@ -136,10 +136,16 @@ def check_digest(digest: str) -> None:
 
 
 def check_manifest_reference(reference: str) -> None:
+    """A digest must be well formed (400 DIGEST_INVALID); a tag that the grammar rejects names no manifest.
+
+    A malformed tag on GET or HEAD is answered as a registry does, 404 MANIFEST_UNKNOWN
+    (distribution; the OCI conformance suite's "HEAD/GET request to nonexistent manifest
+    should return 404" uses ``.INVALID_MANIFEST_NAME``), without asking the upstream.
+    """
     if ":" in reference:
         check_digest(reference)
     elif TAG_RE.match(reference) is None:
-        raise RegistryError(400, TAG_INVALID, "invalid tag", detail={"tag": reference[:200]})
+        raise RegistryError(404, MANIFEST_UNKNOWN, "manifest unknown: not a valid tag", detail={"tag": reference[:200]})
 
 
 _NOT_AN_ENDPOINT = "no such registry endpoint: this gateway serves manifests, blobs, tags and referrers"

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.proxy import renamed_tag_list_start
 from gateway.settings import Settings
 from tests.registry_json import registry_errors
 from tests.unit.conftest import in_process_app, in_process_client
@@ -338,7 +339,8 @@ async def test_oversized_manifest_is_refused(client, fake):
 async def test_tags_list_forwards_n_and_last_and_rewrites_link(client, fake):
     resp = await client.get("/v2/docker.io/alpine/tags/list?n=2&foo=bar")
     assert resp.status_code == 200
-    assert resp.json() == {"name": "library/alpine", "tags": ["v0", "v1"]}
+    # The name the client used, not the upstream's (#14).
+    assert resp.json() == {"name": "docker.io/alpine", "tags": ["v0", "v1"]}
     assert resp.headers["link"] == '</v2/docker.io/alpine/tags/list?last=v1&n=2>; rel="next"'
     sent = fake.seen(REGISTRY)[-1]
     assert sent.url.path == "/v2/library/alpine/tags/list"
@@ -408,7 +410,9 @@ async def test_catalog_and_unknown_paths(client, fake):
         ("/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/a/../b/manifests/latest", 400, "NAME_INVALID"),
         ("/v2/" + "a" * 256 + "/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/alpine/manifests/-bad", 400, "TAG_INVALID"),
+        # A tag the grammar refuses names no manifest: 404, as distribution answers (#14).
+        ("/v2/alpine/manifests/-bad", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/alpine/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
         ("/v2/alpine/blobs/sha256:totallywrong", 400, "DIGEST_INVALID"),
         ("/v2/alpine/manifests/sha256:totallywrong", 400, "DIGEST_INVALID"),
         ("/v2/unknown.example/x/manifests/latest", 404, "NAME_UNKNOWN"),
@@ -541,3 +545,32 @@ async def test_no_header_is_sent_twice(fake):
     names = [k for k, _ in headers]
     assert len(names) == len(set(names)), names
     assert all(k == k.lower() for k in names)
+
+
+@pytest.mark.parametrize(
+    ("start", "complete", "expected"),
+    [
+        (b'{"name":"library/alpine","tags":["a"]}', True, b'{"name":"alpine","tags":["a"]}'),
+        (b'{"name": "library/alpine", "tags": []}', True, b'{"name": "alpine", "tags": []}'),  # Python's json
+        (b'{"name":"library/alp', False, None),  # the name is not whole yet: read on
+        (b'{"na', False, None),
+        (b'{"na', True, b'{"na'),  # the body ended: as it came
+        (b'{"name":"someone/else","tags":[]}', True, b'{"name":"someone/else","tags":[]}'),  # not ours
+        (b'{"name":"library/alpine2"', False, b'{"name":"library/alpine2"'),  # another name, same start
+        (b'{"tags":[],"name":"library/alpine"}', False, b'{"tags":[],"name":"library/alpine"}'),  # name not first
+        (b"not json", False, b"not json"),
+    ],
+)
+def test_the_start_of_a_tag_list_is_renamed_into_the_clients_namespace(start, complete, expected):
+    assert renamed_tag_list_start(start, "library/alpine", "alpine", complete=complete) == expected
+
+
+async def test_tags_list_name_is_the_clients_in_every_addressing_mode(client):
+    for path, name in [
+        ("/v2/alpine/tags/list", "alpine"),
+        ("/v2/library/alpine/tags/list", "library/alpine"),
+        ("/v2/docker.io/alpine/tags/list", "docker.io/alpine"),
+    ]:
+        resp = await client.get(path)
+        assert resp.json()["name"] == name
+        assert resp.json()["tags"] == ["v0", "v1", "v2", "v3", "v4"]

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from gateway import manifest_cache
+from gateway.httputil import entity_tag_matches
 from gateway.manifest_cache import ManifestCache, normalise_accept
 from gateway.settings import Settings
 from tests.unit.conftest import Clock, in_process_app, in_process_client
@@ -201,3 +202,50 @@ async def test_every_accept_header_is_part_of_the_key():
     assert narrow.content == OCI.encode()
     assert docker.content == docker_again.content == LIST.encode()
     assert len(manifest_requests(fake)) == 2
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "status"),
+    [
+        (f'"{MANIFEST_DIGEST}"', 304),
+        (f'W/"{MANIFEST_DIGEST}"', 304),  # weak comparison (RFC 9110 13.1.2)
+        (f'"sha256:{"0" * 64}", "{MANIFEST_DIGEST}"', 304),  # any entity-tag of the list
+        ("*", 304),
+        (f'"sha256:{"0" * 64}"', 200),
+    ],
+)
+async def test_a_cache_hit_answers_if_none_match_as_the_upstream_would(if_none_match, status):
+    fake = FakeRegistry()
+    async with client_for(fake) as client:
+        await client.get("/v2/alpine/manifests/latest", headers={"accept": OCI})  # fills the cache
+        for method in ("GET", "HEAD"):
+            resp = await client.request(
+                method, "/v2/alpine/manifests/latest", headers={"accept": OCI, "if-none-match": if_none_match}
+            )
+            assert resp.status_code == status
+            if status == 304:
+                assert resp.content == b""
+                assert resp.headers["etag"] == f'"{MANIFEST_DIGEST}"'
+                assert "content-length" not in resp.headers
+                assert "content-type" not in resp.headers
+    assert len(manifest_requests(fake)) == 1  # every answer but the first came from memory
+
+
+@pytest.mark.parametrize(
+    ("values", "etag", "matches"),
+    [
+        (['"a"'], '"a"', True),
+        (['W/"a"'], '"a"', True),
+        (['"a"'], 'W/"a"', True),
+        (['"b", "a"'], '"a"', True),
+        (['"b"', '"a"'], '"a"', True),  # several field lines
+        (["*"], None, True),
+        (['"a"'], None, False),
+        (['"b"'], '"a"', False),
+        (["a"], '"a"', True),  # unquoted, as distribution accepts a bare digest
+        (['"ab"'], '"a"', False),
+        ([], '"a"', False),
+    ],
+)
+def test_entity_tag_matching(values, etag, matches):
+    assert entity_tag_matches(values, etag) is matches

@@ -89,12 +89,13 @@ def test_valid_manifest_references(ref):
 
 
 @pytest.mark.parametrize(
-    ("ref", "code"), [(".x", "TAG_INVALID"), ("A" * 129, "TAG_INVALID"), ("sha256:x", "DIGEST_INVALID")]
+    ("ref", "status", "code"),
+    [(".x", 404, "MANIFEST_UNKNOWN"), ("A" * 129, 404, "MANIFEST_UNKNOWN"), ("sha256:x", 400, "DIGEST_INVALID")],
 )
-def test_invalid_manifest_references(ref, code):
+def test_invalid_manifest_references(ref, status, code):
     with pytest.raises(RegistryError) as info:
         check_manifest_reference(ref)
-    assert info.value.code == code
+    assert (info.value.status, info.value.code) == (status, code)
 
 
 @pytest.mark.parametrize(
