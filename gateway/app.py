@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 from starlette.applications import Starlette
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.access import AccessControl, ClientAuth, RateLimiter
 from gateway.asgi import ASGIApp, Receive, Scope, Send, error_headers
 from gateway.authorizer import authorizer_for
@@ -34,6 +35,9 @@ from gateway.routes_file import load_routes
 from gateway.settings import Settings
 from gateway.tokens import TokenCache
 from gateway.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 
 class App:
@@ -110,7 +114,10 @@ def create_app(
     *,
     table: RouteTable | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> ASGIApp:
+    """The whole app. ``transport`` replaces every route's upstream transport and ``tracer_provider``
+    the tracing set up from ``OTEL_*`` (both for tests)."""
     settings = settings or Settings()
     table = table or load_routes(settings.routes)
     # Everything that can be refused is checked before anything is built (connection pools).
@@ -142,6 +149,7 @@ def create_app(
         finally:
             for client in clients.values():
                 await client.aclose()
+            tracing.shutdown()
 
     other = Starlette(
         routes=[
@@ -156,5 +164,7 @@ def create_app(
     inner: ASGIApp = App(relay, TokenRelay(table, clients), other)
     if auth is not None or limiter is not None:
         inner = AccessControl(inner, limiter=limiter, auth=auth)
+    if tracing.configure(provider=tracer_provider):
+        inner = tracing.TracingMiddleware(inner)
     app = AccessLogMiddleware(inner, observers=[metrics.observe])
     return ForwardedHeadersMiddleware(app, settings.forwarded_allow_ips)

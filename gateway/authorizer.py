@@ -35,11 +35,11 @@ import httpx
 from gateway import metrics
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import LoginRequired, RegistryError
-from gateway.policy import Origin, TargetRefused
+from gateway.policy import Origin
 from gateway.routes import ClientTokens, Credentials, GatewayTokens, Route
 from gateway.settings import Timeouts
 from gateway.tokens import Token, TokenCache, TokenKey, basic_authorization, fetch_token
-from gateway.upstream_errors import refused_target
+from gateway.upstream_errors import check_destination
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +102,7 @@ class Authorizer(abc.ABC):
         return known
 
     def check_realm(self, realm: str) -> None:
-        try:
-            self.route.check_destination(realm)
-        except TargetRefused as exc:
-            metrics.upstream_error(self.route.name, "policy")
-            raise refused_target(f"upstream {self.route.name}", "sent its token realm", exc) from None
+        check_destination(self.route, realm, "sent its token realm")
 
 
 class GatewayTokenAuthorizer(Authorizer):

@@ -16,7 +16,7 @@ The exception types of the package, and where each one ends::
                                  stderr at start-up (__main__)
     policy.TargetRefused         a realm or redirect target outside the route's address policy;
                                  becomes a RegistryError where it is checked (authorizer.py,
-                                 upstream.py, through upstream_errors.refused_target)
+                                 upstream.py, through upstream_errors.check_destination)
     netguard.AddressRefused      a name that resolves to a refused address, at connect time;
                                  chained under httpx.ConnectError by both transports
     transport._ProtocolError     the lean transport's parser; becomes httpx.RemoteProtocolError

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin
 
 import httpx
 
-from gateway import metrics, passthrough
+from gateway import metrics, passthrough, tracing
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -397,14 +397,16 @@ class Relay:
         # Blobs may take as long as they keep flowing; tag lists and referrers are
         # answers like manifests, held to the deadline as a whole.
         limit = None if ex.api.kind is Kind.BLOB else ex.deadline
-        try:
-            async with asyncio.timeout_at(limit):
-                end, sent = await stream_body(ex.send, ex.receive, body, upstream_errors=_STREAM_ERRORS)
-        except TimeoutError:
-            end, sent = StreamEnd.UPSTREAM_BROKE, 0
-            metrics.upstream_error(ex.route_name, "timeout")
-        finally:
-            in_flight.dec()
+        with tracing.span("body", client=False) as current:
+            try:
+                async with asyncio.timeout_at(limit):
+                    end, sent = await stream_body(ex.send, ex.receive, body, upstream_errors=_STREAM_ERRORS)
+            except TimeoutError:
+                end, sent = StreamEnd.UPSTREAM_BROKE, 0
+                metrics.upstream_error(ex.route_name, "timeout")
+            finally:
+                in_flight.dec()
+            tracing.set_attributes(current, {"registry.body.bytes": sent, "registry.body.end": end.value})
         ex.record.bytes = sent
         if end is not StreamEnd.COMPLETE:
             ex.record.error = end.value

@@ -26,7 +26,7 @@ from datetime import datetime
 
 import httpx
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.egress import send
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, RegistryError
 from gateway.httputil import read_capped
@@ -226,7 +226,18 @@ async def fetch_token(
         headers["authorization"] = basic_authorization(credentials)
         params.append(("account", credentials.username))
     realm = key.realm
-    resp, body = await token_request(transport, realm, params, headers, timeouts=timeouts)
+
+    def attributes() -> dict[str, tracing.AttributeValue]:
+        return {
+            "url.full": tracing.safe_url(realm),
+            "registry.token.service": key.service or "",
+            "registry.token.scopes": " ".join(key.scopes),
+            "registry.token.with_credentials": credentials is not None,
+        }
+
+    with tracing.span("upstream token", attributes) as current:
+        resp, body = await token_request(transport, realm, params, headers, timeouts=timeouts)
+        tracing.set_attributes(current, {"http.response.status_code": resp.status_code})
     if resp.status_code == 200:
         return parse_token_answer(body, wall_clock())
     if resp.status_code in (401, 403):

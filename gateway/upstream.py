@@ -29,17 +29,17 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.authorizer import GATEWAY_LOGIN, Authorizer, Hop, Login
 from gateway.breaker import Breaker
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.egress import send
 from gateway.errors import UNAVAILABLE, RegistryError
 from gateway.httputil import REDIRECT_STATUSES
-from gateway.policy import TargetRefused, origin_of
+from gateway.policy import origin_of
 from gateway.routes import Route, Upstream
 from gateway.settings import Timeouts
-from gateway.upstream_errors import REQUEST, refused_target, upstream_errors
+from gateway.upstream_errors import REQUEST, check_destination, upstream_errors
 
 _REPO_IN_PATH_RE = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 # 500 may be one broken repository; these say the upstream itself is in trouble.
@@ -178,18 +178,11 @@ class UpstreamClient:
                 url = urljoin(url, location)
             except ValueError:
                 url = "invalid:"  # refused just below, with the route's name in the message
-            self._check_redirect(url)
+            check_destination(self.route, url, "redirected")
         metrics.upstream_error(self.route.name, "redirects")
         raise RegistryError(
             502, UNAVAILABLE, f"upstream {self.route.name} redirected more than {self.max_redirects} times"
         )
-
-    def _check_redirect(self, url: str) -> None:
-        try:
-            self.route.check_destination(url)
-        except TargetRefused as exc:
-            metrics.upstream_error(self.route.name, "policy")
-            raise refused_target(f"upstream {self.route.name}", "redirected", exc) from None
 
     def _hop(self, url: str, repository: str) -> Hop:
         origin = origin_of(url)
@@ -220,8 +213,14 @@ class UpstreamClient:
         fields = dict(headers)
         if authorization is not None:
             fields["authorization"] = authorization
-        with self._failures(url):
-            return await send(self.transport, method, url, fields, self.timeouts)
+
+        def attributes() -> dict[str, tracing.AttributeValue]:
+            return {"http.request.method": method, "url.full": tracing.safe_url(url), "registry.route": self.route.name}
+
+        with tracing.span("upstream request", attributes) as current, self._failures(url):
+            response = await send(self.transport, method, url, fields, self.timeouts)
+            tracing.set_attributes(current, {"http.response.status_code": response.status_code})
+            return response
 
     @contextlib.contextmanager
     def _failures(self, url: str) -> Iterator[None]:

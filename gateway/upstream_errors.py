@@ -10,6 +10,8 @@ own ``map_httpcore_exceptions`` idea: one table from exception types to outcomes
 An address-policy refusal keeps its type the whole way: the transports raise
 ``netguard.AddressRefused`` and chain it (``raise httpx.ConnectError(...) from exc``), and
 it is recognised here by ``isinstance`` on the chain, never by the wording of a message.
+A realm or redirect target refused before anything is sent (``check_destination``) becomes
+a RegistryError here too.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from gateway import metrics
 from gateway.errors import UNAVAILABLE, RegistryError
 from gateway.netguard import AddressRefused
 from gateway.policy import TargetRefused
+from gateway.routes import Route
 
 TIMEOUT = "timeout"
 POLICY = "policy"
@@ -130,6 +134,15 @@ def upstream_errors(wording: Wording, subject: str, detail: str = "") -> Iterato
         raise mapped from exc
 
 
-def refused_target(subject: str, what: str, exc: TargetRefused) -> RegistryError:
-    """A realm or redirect target the route's address policy refuses (``policy.check_target``)."""
-    return RegistryError(502, UNAVAILABLE, f"{subject} {what} to a refused address: {exc}", reason=POLICY)
+def check_destination(route: Route, url: str, what: str) -> None:
+    """Refuse a token realm or redirect target outside the route's address policy (``policy.check_target``).
+
+    ``what`` completes the message: "upstream ghcr.io <what> to a refused address: ...". The
+    refusal is counted for the route (reason ``policy``) and is not retryable.
+    """
+    try:
+        route.check_destination(url)
+    except TargetRefused as exc:
+        metrics.upstream_error(route.name, POLICY)
+        message = f"upstream {route.name} {what} to a refused address: {exc}"
+        raise RegistryError(502, UNAVAILABLE, message, reason=POLICY) from None
