@@ -147,6 +147,7 @@ class RequestRecord:
     user: str | None = None  # who, when the gateway authenticates its clients
     error: str | None = None  # registry error code, or how a stream ended badly
     upstream_seconds: float | None = None
+    verified: str | None = None  # blobs: "ok", "mismatch", "unknown_algorithm", "off"
 
 
 # What an access line holds, in this order. Nothing secret: names, statuses, counts.
@@ -167,6 +168,7 @@ ACCESS_LOG_FIELDS = (
     "user",
     "error",
     "upstream_seconds",
+    "verified",
 )
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")

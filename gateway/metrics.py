@@ -76,6 +76,17 @@ REDIRECTS = Counter(
 )
 
 
+BLOB_CHECKS = Counter(
+    "registry_gateway_blob_checks",
+    "Whole blob bodies by what their digest check found: ok, mismatch, unknown_algorithm (relayed unchecked), "
+    "off (verify_blobs = false), incomplete (the transfer ended before the last byte).",
+    ["route", "result"],
+)
+DIGEST_MISMATCHES = Counter(
+    "registry_gateway_digest_mismatch",
+    "Blob bodies whose bytes did not hash to their digest, by route and upstream (the client's transfer was aborted).",
+    ["route", "upstream"],
+)
 MANIFEST_CACHE = Counter(
     "registry_gateway_manifest_cache",
     "Manifest requests answered from the cache (hit) or from the upstream (miss), by route.",
@@ -98,6 +109,10 @@ def observe(record: RequestRecord, seconds: float) -> None:
         REDIRECTS.labels(route, record.redirect).inc()
     if record.cache is not None:
         MANIFEST_CACHE.labels(route, record.cache).inc()
+    if record.verified is not None:
+        BLOB_CHECKS.labels(route, record.verified).inc()
+        if record.verified == "mismatch":
+            DIGEST_MISMATCHES.labels(route, record.upstream or "-").inc()
 
 
 def upstream_error(route: str, reason: str) -> None:

@@ -45,6 +45,7 @@ from gateway.asgi import (
     stream_body,
 )
 from gateway.authorizer import Login
+from gateway.blob_check import DigestMismatch, Verdict, algorithm_of, verified
 from gateway.errors import (
     PAGINATION_NUMBER_INVALID,
     TAG_INVALID,
@@ -71,7 +72,7 @@ from gateway.httputil import (
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
 from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
-from gateway.routes import RequestFacts, RouteTable, Target
+from gateway.routes import RequestFacts, RouteTable, Target, Upstream
 from gateway.upstream import Opened, UpstreamClient
 from gateway.upstream_errors import BODY, upstream_errors
 
@@ -135,7 +136,8 @@ def check_request_headers(scope: Scope) -> None:
             )
 
 
-_STREAM_ERRORS = (httpx.HTTPError,)
+# What ends a body mid-stream as a broken upstream (the client's connection is aborted).
+_STREAM_ERRORS = (httpx.HTTPError, DigestMismatch)
 
 
 def _bad_request(code: str, message: str) -> RegistryError:
@@ -203,6 +205,8 @@ class Exchange:
     deadline: float = 0.0
     # Where a cacheable manifest answer goes; None once it proves not cacheable.
     cache_key: CacheKey | None = None
+    # The upstream that answered, once one did.
+    upstream: Upstream | None = None
 
     @property
     def route_name(self) -> str:
@@ -320,12 +324,14 @@ class Relay:
                     repository=ex.target.upstream_name,
                     follow_redirects=not (ex.api.kind is Kind.BLOB and route.blob_redirect == "pass"),
                     login=ex.login,
+                    avoid=ex.api.reference if ex.api.kind is Kind.BLOB else None,
                 )
         except TimeoutError:
             metrics.upstream_error(route.name, "timeout")
             raise RegistryError(
                 504, UNAVAILABLE, f"upstream {route.name} did not answer within {client.timeouts.manifest:g} s"
             ) from None
+        ex.upstream = opened.upstream
         ex.record.upstream = opened.upstream.url
         ex.record.upstream_seconds = round(time.perf_counter() - started, 6)
         if opened.redirects:
@@ -387,6 +393,9 @@ class Relay:
             headers.extend(self._links(resp, ex.target))
             if resp.status_code == 200 and not ex.head and "content-encoding" not in resp.headers:
                 body = await self._renamed_tag_list(ex, headers, body)
+        verdict: Verdict | None = None
+        if ex.api.kind is Kind.BLOB and resp.status_code == 200 and not ex.head:
+            body, verdict = self._checked(ex, body)
         headers.append(API_VERSION_HEADER)
         await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         if ex.head or resp.status_code in (204, 304):
@@ -408,12 +417,50 @@ class Relay:
                 in_flight.dec()
             tracing.set_attributes(current, {"registry.body.bytes": sent, "registry.body.end": end.value})
         ex.record.bytes = sent
-        if end is not StreamEnd.COMPLETE:
+        if verdict is not None:
+            self._judge(ex, verdict)
+        if end is not StreamEnd.COMPLETE and ex.record.verified != "mismatch":
             ex.record.error = end.value
             if end is StreamEnd.UPSTREAM_BROKE:
                 metrics.upstream_error(ex.route_name, "broken_stream")
                 fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
                 logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
+
+    @staticmethod
+    def _checked(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
+        """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
+        if not ex.target.route.verify_blobs:
+            ex.record.verified = "off"
+            return body, None
+        algorithm = algorithm_of(ex.api.reference)
+        if algorithm is None:
+            ex.record.verified = "unknown_algorithm"
+            return body, None
+        verdict = Verdict()
+        return verified(body, ex.api.reference, algorithm, verdict), verdict
+
+    def _judge(self, ex: Exchange, verdict: Verdict) -> None:
+        if verdict.actual is None:
+            ex.record.verified = "incomplete"  # the transfer ended before the last byte, for whatever reason
+            return
+        if verdict.actual == ex.api.reference:
+            ex.record.verified = "ok"
+            return
+        ex.record.verified = "mismatch"
+        ex.record.error = "digest_mismatch"
+        if ex.upstream is not None:
+            self.clients[ex.route_name].avoid(ex.upstream, ex.api.reference)
+        fields = {
+            "event": "digest_mismatch",
+            "request_id": ex.record.request_id,
+            "route": ex.route_name,
+            "upstream": ex.record.upstream,
+            "digest": ex.api.reference,
+            "actual": verdict.actual,
+        }
+        logger.warning(
+            "a blob's bytes did not match its digest; the client's transfer was aborted", extra={"fields": fields}
+        )
 
     async def _renamed_tag_list(
         self, ex: Exchange, headers: Headers, body: AsyncIterator[bytes]

@@ -141,6 +141,8 @@ class Route:
     library: bool = False
     auth: UpstreamAuth = GatewayTokens()
     blob_redirect: Literal["follow", "pass"] = "follow"
+    # Hash every full blob body as it streams and abort the client on a mismatch (blob_check.py).
+    verify_blobs: bool = True
     allow_private_addresses: bool = False
     policy: RepositoryPolicy = field(default_factory=RepositoryPolicy)
 

@@ -51,6 +51,7 @@ class _RouteModel(BaseModel):
     password_file: str | None = None
     credentials_upstream: str | None = None
     blob_redirect: Literal["follow", "pass"] = "follow"
+    verify_blobs: bool = True
     auth: Literal["gateway", "passthrough"] = "gateway"
     allow_private_addresses: bool = False
     allow: list[str] = []
@@ -217,6 +218,7 @@ def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
         library=model.library,
         auth=auth,
         blob_redirect=model.blob_redirect,
+        verify_blobs=model.verify_blobs,
         allow_private_addresses=model.allow_private_addresses,
         policy=policy,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -44,6 +45,10 @@ from gateway.upstream_errors import REQUEST, check_destination, upstream_errors
 _REPO_IN_PATH_RE = re.compile(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/")
 # 500 may be one broken repository; these say the upstream itself is in trouble.
 _FAILOVER_STATUSES = frozenset({502, 503, 504})
+# An upstream that served a blob's bytes wrong is not asked for that blob again for this long
+# (when the route has another upstream): the client's retry goes elsewhere.
+AVOID_SECONDS = 600.0
+_MAX_AVOIDED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +85,23 @@ class UpstreamClient:
         self.timeouts = timeouts
         self.max_redirects = max_redirects
         self.breaker = breaker
+        self._avoided: dict[tuple[str, str], float] = {}  # (upstream URL, digest) -> until (monotonic)
+        self._clock = time.monotonic
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+    def avoid(self, upstream: Upstream, key: str, seconds: float = AVOID_SECONDS) -> None:
+        """Do not ask ``upstream`` for ``key`` (a blob digest) for a while, when another upstream can be asked."""
+        now = self._clock()
+        if len(self._avoided) >= _MAX_AVOIDED:
+            for stale in [k for k, until in self._avoided.items() if until <= now] or [next(iter(self._avoided))]:
+                del self._avoided[stale]
+        self._avoided[(upstream.url, key)] = now + seconds
+
+    def _avoiding(self, upstream: Upstream, key: str) -> bool:
+        until = self._avoided.get((upstream.url, key))
+        return until is not None and until > self._clock()
 
     async def upstream_challenge(self) -> Challenge:
         """The Bearer challenge of the route's first upstream (asked with ``GET /v2/``, then remembered).
@@ -117,13 +136,17 @@ class UpstreamClient:
         repository: str,
         follow_redirects: bool = True,
         login: Login = GATEWAY_LOGIN,
+        avoid: str | None = None,
     ) -> Opened:
         """Send a request to ``path`` on the first upstream that answers; the caller closes ``.response``.
 
         ``headers`` must have lowercase names. ``login`` is what the route's authorizer
-        admitted of the client's request (``Authorizer.admit``).
+        admitted of the client's request (``Authorizer.admit``). ``avoid`` (a blob digest)
+        skips upstreams that served it wrong lately, unless no other is left.
         """
         upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url)]
+        if avoid is not None and len(upstreams) > 1:
+            upstreams = [u for u in upstreams if not self._avoiding(u, avoid)] or upstreams
         if not upstreams:
             wait = self.breaker.retry_after([u.url for u in self.route.upstreams])
             raise RegistryError(

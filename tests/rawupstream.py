@@ -17,7 +17,7 @@ from tests.support import free_port
 SIZE = 8 << 20  # 8 MiB
 CHUNK = bytes(range(256)) * 256  # 64 KiB
 BODY_DIGEST = hashlib.sha256(CHUNK * (SIZE // len(CHUNK))).hexdigest()
-D_FULL = "sha256:" + "1" * 64
+D_FULL = "sha256:" + BODY_DIGEST  # the real digest: whole pulls of it are verified like any blob
 D_BREAK = "sha256:" + "2" * 64
 D_STALL = "sha256:" + "3" * 64
 D_SLOW = "sha256:" + "4" * 64

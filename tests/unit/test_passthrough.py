@@ -9,7 +9,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.routes_file import parse_routes
 from tests.registry_json import registry_errors
-from tests.unit.fake_registry import CDN, MANIFEST, REALM, REGISTRY, SERVICE, FakeRegistry, registry_error
+from tests.unit.fake_registry import BLOB_DIGEST, CDN, MANIFEST, REALM, REGISTRY, SERVICE, FakeRegistry, registry_error
 
 # --- passthrough logins -----------------------------------------------------------------------
 
@@ -65,7 +65,7 @@ async def test_passthrough_login_and_pull(gateway_client):
         assert resp.status_code == 200
         assert resp.content == MANIFEST
         assert fake.seen(REGISTRY)[-1].headers["authorization"] == f"Bearer {token}"
-        resp = await client.get("/v2/org/app/blobs/sha256:" + "a" * 64, headers=auth)
+        resp = await client.get(f"/v2/org/app/blobs/{BLOB_DIGEST}", headers=auth)
         assert resp.status_code == 200
         assert all("authorization" not in r.headers for r in fake.seen(CDN))
         # Wrong credentials: 401, and nothing cached from bob's login is handed out.
