@@ -15,8 +15,10 @@ never stalls the event loop.
 
 The rate limit is a token bucket per client address (the real client behind a
 trusted proxy, see ``forwarded.py``): ``rate`` requests per second on average, up to
-``burst`` at once. It is per worker process; with N workers the effective limit is
-up to N times higher, which the docs say.
+``burst`` at once. An IPv6 client is counted per /64, as Docker Hub counts pulls: a
+site gets a /64 or more (RFC 6177) and picks addresses in it at will (RFC 8981), so a
+per-address bucket would be one per temporary address. It is per worker process; with
+N workers the effective limit is up to N times higher, which the docs say.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -106,6 +110,25 @@ class ClientAuth:
         return user
 
 
+@functools.lru_cache(maxsize=4096)
+def rate_key(client: str) -> str:
+    """The rate-limit bucket of a client address: an IPv4 address itself, an IPv6 one's /64.
+
+    An IPv4-mapped address (``::ffff:a.b.c.d``) is its IPv4 address. Anything that is not
+    an address (a ``unix:`` peer, an odd X-Forwarded-For entry) is its own key. Cached: the
+    same clients come back, and the request path stays a dictionary look-up.
+    """
+    if ":" not in client:
+        return client  # IPv4 (or not an address): no parse
+    try:
+        address = ipaddress.IPv6Address(client)  # a "%scope" suffix is accepted and ignored by int()
+    except ValueError:
+        return client
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(address) >> 64 << 64)}/64"
+
+
 class RateLimiter:
     """A token bucket per key; ``take`` says how long to wait (0: go ahead)."""
 
@@ -148,7 +171,7 @@ class AccessControl:
         head = scope["method"] == "HEAD"
         if self.limiter is not None:
             client = scope.get("client")
-            wait = self.limiter.take(client[0] if client else "-")
+            wait = self.limiter.take(rate_key(client[0]) if client else "-")
             if wait > 0:
                 record_of(scope).error = TOOMANYREQUESTS
                 limited = RegistryError(

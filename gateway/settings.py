@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="forbid")
 
     routes: Path = Path("routes.toml")
-    host: str = "0.0.0.0"
+    # Where to listen: addresses or names, comma-separated, one socket each. "::" takes IPv6
+    # and IPv4 clients on one socket; by default it falls back to 0.0.0.0 where IPv6 is off.
+    host: str = "::"
     port: int = Field(default=5000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -100,6 +102,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=512, ge=1)
     max_keepalive_connections: int = Field(default=128, ge=0)
     keepalive_expiry: float = Field(default=60.0, ge=0)
+
+    @field_validator("host")
+    @classmethod
+    def _host_list(cls, value: str) -> str:
+        hosts = [h.strip().removeprefix("[").removesuffix("]") for h in value.split(",")]
+        if not all(hosts):
+            raise ValueError("an empty address in the list")
+        return ",".join(dict.fromkeys(hosts))
 
     @property
     def client_auth_enabled(self) -> bool:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import errno
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpcore
 import httpx
 import pytest
 
-from gateway.netguard import AddressGuard
+from gateway import transport as transport_module
+from gateway.netguard import AddressGuard, GuardedBackend
 from gateway.settings import PoolLimits
 from gateway.transport import HIGH_WATER, LeanTransport
 
@@ -281,3 +286,139 @@ async def test_back_pressure_pauses_reading_from_the_upstream():
         async for part in stream:
             total += len(part)
     assert sent == size
+
+
+# --- RFC 8305: the guard's addresses raced (real sockets on ::1 and 127.0.0.1 only) --------------
+
+
+class FixedAddresses(AddressGuard):
+    """A name that "resolves" to these addresses, in this order: nothing is looked up."""
+
+    def __init__(self, *addresses: str) -> None:
+        super().__init__((), allow_private=True)
+        self.fixed = list(addresses)
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        return list(self.fixed)
+
+
+def bind_ipv6_loopback(port: int) -> socket.socket | None:
+    """A socket bound to [::1]:port; None when the port is taken there. Fails the test without IPv6."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.bind(("::1", port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        pytest.fail(f"this machine has no IPv6 on loopback (ip -6 addr show lo): binding [::1]: {exc}")
+    return sock
+
+
+def ok_server() -> Server:
+    server = Server()
+    server.handlers = [answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")(server)]
+    return server
+
+
+@contextlib.asynccontextmanager
+async def v6_then_v4(v6: str) -> AsyncIterator[tuple[int, Server]]:
+    """An HTTP server on 127.0.0.1:P, and on [::1]:P one that ``stalls`` (a full accept queue:
+    the SYN goes unanswered, as from a broken AAAA) or ``refuses`` (nothing listening)."""
+    server = ok_server()
+    for _ in range(20):
+        url = await server.__aenter__()
+        port = int(url.rsplit(":", 1)[1])
+        holder = bind_ipv6_loopback(port)
+        if holder is not None:
+            break
+        await server.__aexit__()
+    else:
+        pytest.fail("no port free on both 127.0.0.1 and ::1")
+    fillers: list[socket.socket] = []
+    try:
+        if v6 == "stalls":
+            holder.listen(0)
+            for _ in range(4):
+                filler = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                filler.setblocking(False)
+                filler.connect_ex(("::1", port))
+                fillers.append(filler)
+            await asyncio.sleep(0.2)
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            probe.settimeout(0.5)
+            try:
+                probe.connect(("::1", port))
+                pytest.skip("this kernel completes connections beyond the accept queue")
+            except TimeoutError:
+                pass
+            finally:
+                probe.close()
+        else:
+            holder.close()  # the port is free on ::1 again: connecting is refused
+        yield port, server
+    finally:
+        for filler in fillers:
+            filler.close()
+        holder.close()
+        await server.__aexit__()
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, socket.socket]]:
+    """Every TCP attempt the lean transport makes: its address and its socket."""
+    made: list[tuple[str, socket.socket]] = []
+
+    async def recording(address: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as netguard.tcp_socket
+        made.append((address, sock))
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    monkeypatch.setattr(transport_module, "tcp_socket", recording)
+    return made
+
+
+@pytest.mark.parametrize("v6", ["stalls", "refuses"])
+async def test_an_ipv6_address_that_stalls_or_refuses_is_overtaken_by_ipv4(v6, connects):
+    # A connect timeout of a minute: trying the addresses one after another would fail this test
+    # with a ConnectTimeout; racing them (250 ms apart) answers.
+    async with v6_then_v4(v6) as (port, server):
+        transport = LeanTransport(limits=pool_limits(), guard=FixedAddresses("::1", "127.0.0.1"))
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, connect=60.0)) as c:
+            resp = await c.get(f"http://dual.test:{port}/")
+            assert (resp.status_code, resp.content) == (200, b"ok")
+            assert [address for address, _ in connects] == ["::1", "127.0.0.1"]  # IPv6 first, as resolved
+            v6_socket = connects[0][1]
+            assert v6_socket.fileno() == -1  # the loser is closed by the time the request is sent
+            assert server.connections == 1
+
+
+async def test_the_httpx_transport_races_too():
+    async with v6_then_v4("stalls") as (port, server):
+        pool = httpcore.AsyncConnectionPool(network_backend=GuardedBackend(FixedAddresses("::1", "127.0.0.1")))
+        async with pool:
+            resp = await pool.request("GET", f"http://dual.test:{port}/", extensions={"timeout": {"connect": 60.0}})
+        assert (resp.status, resp.content) == (200, b"ok")
+        assert server.connections == 1
+
+
+async def test_connections_keep_tcp_nodelay():
+    # The connected socket is handed to create_connection: Nagle must still be off on it.
+    async with ok_server() as url:
+        port = int(url.rsplit(":", 1)[1])
+        transport = LeanTransport(limits=pool_limits(), guard=FixedAddresses("127.0.0.1"))
+        async with httpx.AsyncClient(transport=transport) as c:
+            assert (await c.get(f"http://one.test:{port}/")).content == b"ok"
+            conn = transport._pool.take_idle(("http", "one.test", port))
+            assert conn is not None
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            conn.close()
