@@ -130,7 +130,7 @@ def create_app(
             tag_ttl=settings.manifest_cache_tag_ttl,
             digest_ttl=settings.manifest_cache_digest_ttl,
         )
-    relay = Relay(table, clients, cache)
+    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -148,6 +148,7 @@ class RequestRecord:
     error: str | None = None  # registry error code, or how a stream ended badly
     upstream_seconds: float | None = None
     verified: str | None = None  # blobs: "ok", "mismatch", "unknown_algorithm", "off"
+    resumes: int | None = None  # blobs: how many times a broken body was asked for again
 
 
 # What an access line holds, in this order. Nothing secret: names, statuses, counts.
@@ -169,6 +170,7 @@ ACCESS_LOG_FIELDS = (
     "error",
     "upstream_seconds",
     "verified",
+    "resumes",
 )
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")

@@ -82,6 +82,11 @@ BLOB_CHECKS = Counter(
     "off (verify_blobs = false), incomplete (the transfer ended before the last byte).",
     ["route", "result"],
 )
+BLOB_RESUMES = Counter(
+    "registry_gateway_blob_resumes",
+    "Broken blob bodies asked for again from where they broke (Range), by route.",
+    ["route"],
+)
 DIGEST_MISMATCHES = Counter(
     "registry_gateway_digest_mismatch",
     "Blob bodies whose bytes did not hash to their digest, by route and upstream (the client's transfer was aborted).",
@@ -109,6 +114,8 @@ def observe(record: RequestRecord, seconds: float) -> None:
         REDIRECTS.labels(route, record.redirect).inc()
     if record.cache is not None:
         MANIFEST_CACHE.labels(route, record.cache).inc()
+    if record.resumes:
+        BLOB_RESUMES.labels(route).inc(record.resumes)
     if record.verified is not None:
         BLOB_CHECKS.labels(route, record.verified).inc()
         if record.verified == "mismatch":

@@ -72,6 +72,7 @@ from gateway.httputil import (
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
 from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
+from gateway.resume import continues, resumable, segment_of
 from gateway.routes import RequestFacts, RouteTable, Target, Upstream
 from gateway.upstream import Opened, UpstreamClient
 from gateway.upstream_errors import BODY, upstream_errors
@@ -212,16 +213,27 @@ class Exchange:
     def route_name(self) -> str:
         return self.target.route.name
 
+    @property
+    def upstream_path(self) -> str:
+        return f"/v2/{self.target.upstream_name}/{self.api.tail()}"
+
 
 class Relay:
     """The ASGI app for everything under ``/v2``: the registry API, relayed."""
 
     def __init__(
-        self, table: RouteTable, clients: Mapping[str, UpstreamClient], cache: ManifestCache | None = None
+        self,
+        table: RouteTable,
+        clients: Mapping[str, UpstreamClient],
+        cache: ManifestCache | None = None,
+        *,
+        blob_resumes: int = 0,
     ) -> None:
         self.table = table
         self.clients = clients
         self.cache = cache
+        # How many times one blob body that breaks is asked for again from where it broke.
+        self.blob_resumes = blob_resumes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
@@ -318,7 +330,7 @@ class Relay:
             async with asyncio.timeout_at(ex.deadline):
                 opened = await client.open(
                     ex.scope["method"],
-                    f"/v2/{ex.target.upstream_name}/{ex.api.tail()}",
+                    ex.upstream_path,
                     query=query,
                     headers=upstream_headers(ex.scope),
                     repository=ex.target.upstream_name,
@@ -394,8 +406,10 @@ class Relay:
             if resp.status_code == 200 and not ex.head and "content-encoding" not in resp.headers:
                 body = await self._renamed_tag_list(ex, headers, body)
         verdict: Verdict | None = None
-        if ex.api.kind is Kind.BLOB and resp.status_code == 200 and not ex.head:
-            body, verdict = self._checked(ex, body)
+        if ex.api.kind is Kind.BLOB and not ex.head:
+            body = self._resumable(ex, resp, body)
+            if resp.status_code == 200:
+                body, verdict = self._checked(ex, body)
         headers.append(API_VERSION_HEADER)
         await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         if ex.head or resp.status_code in (204, 304):
@@ -425,6 +439,61 @@ class Relay:
                 metrics.upstream_error(ex.route_name, "broken_stream")
                 fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
                 logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
+
+    def _resumable(self, ex: Exchange, resp: httpx.Response, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
+        segment = segment_of(resp.status_code, resp.headers)
+        if segment is None or self.blob_resumes <= 0:
+            return body
+        client = self.clients[ex.route_name]
+        later: list[httpx.Response] = []  # the answers to resumes, closed when done
+
+        async def reopen(sent: int) -> AsyncIterator[bytes]:
+            while later:
+                await later.pop().aclose()
+            headers = upstream_headers(ex.scope)
+            headers["range"] = segment.rest_from(sent)
+            async with asyncio.timeout(client.timeouts.manifest):
+                opened = await client.open(
+                    "GET",
+                    ex.upstream_path,
+                    headers=headers,
+                    repository=ex.target.upstream_name,
+                    login=ex.login,
+                    avoid=ex.api.reference,
+                )
+            later.append(opened.response)
+            if not continues(segment, sent, opened.response.status_code, opened.response.headers):
+                raise RuntimeError(
+                    f"the resume answered {opened.response.status_code} "
+                    f"{opened.response.headers.get('content-range', '')}, not the rest of the blob"
+                )
+            ex.record.upstream = opened.upstream.url
+            ex.upstream = opened.upstream
+            return opened.response.aiter_raw()
+
+        def on_resume(sent: int, error: BaseException) -> None:
+            ex.record.resumes = (ex.record.resumes or 0) + 1
+            fields = {
+                "event": "blob_resume",
+                "request_id": ex.record.request_id,
+                "route": ex.route_name,
+                "upstream": ex.record.upstream,
+                "digest": ex.api.reference,
+                "offset": segment.first + sent,
+                "error": type(error).__name__,
+            }
+            logger.info("a blob body broke; asking for the rest", extra={"fields": fields})
+
+        async def resumed() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resumable(body, segment, reopen, max_resumes=self.blob_resumes, on_resume=on_resume):
+                    yield chunk
+            finally:
+                while later:
+                    await later.pop().aclose()
+
+        return resumed()
 
     @staticmethod
     def _checked(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     write_timeout: float = Field(default=60.0, gt=0)
     pool_timeout: float = Field(default=30.0, gt=0)
     max_redirects: int = Field(default=5, ge=0, le=20)
+    # A blob body that breaks (reset, early end, stall past blob_idle_timeout, an expired CDN
+    # URL) is asked for again from where it broke, at most this many times per request.
+    blob_resumes: int = Field(default=3, ge=0, le=100)
 
     # A route's upstream that fails this many times in a row (connection error, timeout,
     # 5xx) is skipped for breaker_cooldown seconds, then tried again.
