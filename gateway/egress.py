@@ -103,7 +103,8 @@ class _ThroughEnvironmentProxy(httpx.AsyncBaseTransport):
 
 def route_transport(route: Route, limits: PoolLimits, kind: str = "lean") -> httpx.AsyncBaseTransport:
     """The transport for a route's upstreams: ``lean`` or httpx's own, guarded, through any egress proxy."""
-    guard = AddressGuard([(u.host, u.port) for u in route.upstreams], route.allow_private_addresses)
+    named = [*route.upstreams, *route.mirrors]  # the operator named them: reachable wherever they are
+    guard = AddressGuard([(u.host, u.port) for u in named], route.allow_private_addresses)
     direct: httpx.AsyncBaseTransport
     if kind == "lean":
         direct = LeanTransport(limits=limits, guard=guard)

@@ -78,7 +78,8 @@ REDIRECTS = Counter(
 
 BLOB_CHECKS = Counter(
     "registry_gateway_blob_checks",
-    "Whole blob bodies by what their digest check found: ok, mismatch, unknown_algorithm (relayed unchecked), "
+    "Whole blob bodies (and manifests by digest: mismatch) by what their digest check found: ok, mismatch, "
+    "unknown_algorithm (relayed unchecked), "
     "off (verify_blobs = false), incomplete (the transfer ended before the last byte).",
     ["route", "result"],
 )

@@ -71,7 +71,7 @@ from gateway.httputil import (
 )
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
-from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
+from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, is_digest, parse_api_path
 from gateway.resume import continues, resumable, segment_of
 from gateway.routes import RequestFacts, RouteTable, Target, Upstream
 from gateway.upstream import Opened, UpstreamClient
@@ -214,6 +214,11 @@ class Exchange:
         return self.target.route.name
 
     @property
+    def content_addressed(self) -> bool:
+        """A blob, or a manifest by digest: the bytes are named by their hash (and checked against it)."""
+        return self.api.kind is Kind.BLOB or (self.api.kind is Kind.MANIFEST and is_digest(self.api.reference))
+
+    @property
     def upstream_path(self) -> str:
         return f"/v2/{self.target.upstream_name}/{self.api.tail()}"
 
@@ -336,7 +341,8 @@ class Relay:
                     repository=ex.target.upstream_name,
                     follow_redirects=not (ex.api.kind is Kind.BLOB and route.blob_redirect == "pass"),
                     login=ex.login,
-                    avoid=ex.api.reference if ex.api.kind is Kind.BLOB else None,
+                    avoid=ex.api.reference if ex.content_addressed else None,
+                    content_addressed=ex.content_addressed,
                 )
         except TimeoutError:
             metrics.upstream_error(route.name, "timeout")
@@ -461,6 +467,7 @@ class Relay:
                     repository=ex.target.upstream_name,
                     login=ex.login,
                     avoid=ex.api.reference,
+                    content_addressed=True,
                 )
             later.append(opened.response)
             if not continues(segment, sent, opened.response.status_code, opened.response.headers):
@@ -608,6 +615,7 @@ class Relay:
             raise RegistryError(
                 502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
             )
+        self._check_manifest(ex, body, resp)
         headers = response_headers(resp.headers)
         if "docker-content-digest" not in resp.headers and "content-encoding" not in resp.headers:
             # The spec requires Docker-Content-Digest on manifest answers; some upstreams
@@ -619,6 +627,31 @@ class Relay:
         headers.append(API_VERSION_HEADER)
         ex.record.bytes = len(body)
         await send_body(ex.send, 200, headers, body)
+
+    def _check_manifest(self, ex: Exchange, body: bytes, resp: httpx.Response) -> None:
+        """A manifest asked for by digest must be those bytes (image-spec "Digests"): else a 502, and
+        the upstream (often a mirror) is avoided for it, so the client's retry goes elsewhere."""
+        algorithm = algorithm_of(ex.api.reference) if is_digest(ex.api.reference) else None
+        if algorithm is None or "content-encoding" in resp.headers:
+            return
+        actual = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+        if actual == ex.api.reference:
+            return
+        ex.record.verified = "mismatch"
+        if ex.upstream is not None:
+            self.clients[ex.route_name].avoid(ex.upstream, ex.api.reference)
+        fields = {
+            "event": "digest_mismatch",
+            "request_id": ex.record.request_id,
+            "route": ex.route_name,
+            "upstream": ex.record.upstream,
+            "digest": ex.api.reference,
+            "actual": actual,
+        }
+        logger.warning("a manifest's bytes did not match its digest; not served", extra={"fields": fields})
+        raise RegistryError(
+            502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest whose bytes do not match {ex.api.reference}"
+        )
 
     async def _relay_error(
         self, ex: Exchange, resp: httpx.Response, *, extra: Sequence[tuple[bytes, bytes]] = ()

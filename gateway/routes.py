@@ -135,6 +135,9 @@ def _compile_patterns(patterns: Sequence[str]) -> re.Pattern[str] | None:
 class Route:
     name: str
     upstreams: tuple[Upstream, ...]
+    # Asked first for content addressed by digest (blobs, manifests by digest), which the gateway
+    # verifies; never for tags, tag lists or referrers, and never given credentials.
+    mirrors: tuple[Upstream, ...] = ()
     hosts: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     default: bool = False

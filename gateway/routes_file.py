@@ -41,6 +41,7 @@ class _RouteModel(BaseModel):
 
     name: str = Field(min_length=1)
     upstream: str | list[str]
+    mirrors: list[str] = []
     hosts: list[str] = []
     prefixes: list[str] = []
     default: bool = False
@@ -159,6 +160,19 @@ def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
     return upstreams
 
 
+def _mirrors(model: _RouteModel, upstreams: tuple[Upstream, ...]) -> tuple[Upstream, ...]:
+    try:
+        mirrors = tuple(_parse_upstream(url) for url in model.mirrors)
+    except ValueError as exc:
+        raise ValueError(f"mirrors: {exc}") from None
+    origins = [m.origin for m in mirrors]
+    if len(set(origins)) != len(origins):
+        raise ValueError("mirrors: the same mirror is listed twice")
+    if set(origins) & {u.origin for u in upstreams}:
+        raise ValueError("mirrors: an upstream of the route cannot be its mirror too")
+    return mirrors
+
+
 def _credentials_origin(
     model: _RouteModel, upstreams: tuple[Upstream, ...], credentials: Credentials | None
 ) -> Origin | None:
@@ -193,6 +207,10 @@ def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
     if not _REGISTRY_NAME_RE.match(name):
         raise ValueError(f"name: {model.name!r} is not a registry host name such as 'ghcr.io'")
     upstreams = _upstreams(model)
+    mirrors = _mirrors(model, upstreams)
+    if mirrors and model.auth == "passthrough":
+        # A mirror is asked anonymously: it would hand out what the client's own login guards.
+        raise ValueError("mirrors: a passthrough route takes no mirrors (its clients' logins are checked upstream)")
     auth = _upstream_auth(model, upstreams, environ)
     try:
         policy = RepositoryPolicy.build(model.allow, model.deny)
@@ -212,6 +230,7 @@ def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:
     return Route(
         name=name,
         upstreams=upstreams,
+        mirrors=mirrors,
         hosts=hosts,
         prefixes=tuple(prefixes),
         default=model.default,

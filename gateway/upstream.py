@@ -137,12 +137,15 @@ class UpstreamClient:
         follow_redirects: bool = True,
         login: Login = GATEWAY_LOGIN,
         avoid: str | None = None,
+        content_addressed: bool = False,
     ) -> Opened:
         """Send a request to ``path`` on the first upstream that answers; the caller closes ``.response``.
 
         ``headers`` must have lowercase names. ``login`` is what the route's authorizer
         admitted of the client's request (``Authorizer.admit``). ``avoid`` (a blob digest)
         skips upstreams that served it wrong lately, unless no other is left.
+        ``content_addressed`` (a blob, a manifest by digest): the route's mirrors are asked
+        first, and any of their answers but a success passes on to the next one.
         """
         upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url)]
         if avoid is not None and len(upstreams) > 1:
@@ -155,6 +158,10 @@ class UpstreamClient:
                 f"every upstream of {self.route.name} is failing; the gateway retries them in {wait:.0f} s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
+        if content_addressed and self.route.mirrors:
+            opened = await self._from_mirrors(method, path, query, headers, repository, follow_redirects, avoid)
+            if opened is not None:
+                return opened
         failure: RegistryError | None = None
         for index, upstream in enumerate(upstreams):
             last = index == len(upstreams) - 1
@@ -178,6 +185,38 @@ class UpstreamClient:
             return opened
         assert failure is not None
         raise failure
+
+    async def _from_mirrors(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        repository: str,
+        follow_redirects: bool,
+        avoid: str | None,
+    ) -> Opened | None:
+        """The first mirror that has the content, or None. Mirrors are asked anonymously (never
+        with the route's credentials or a client's token) and their bytes are checked by digest."""
+        for mirror in self.route.mirrors:
+            if not self.breaker.available(mirror.url) or (avoid is not None and self._avoiding(mirror, avoid)):
+                continue
+            try:
+                opened = await self._open_on(
+                    mirror, method, path, query, headers, repository, follow_redirects, GATEWAY_LOGIN
+                )
+            except RegistryError as exc:
+                if exc.retryable:
+                    self.breaker.failure(mirror.url)
+                continue  # a broken mirror never fails the request: the registry is there
+            status = opened.response.status_code
+            if status in (200, 206, 304) or (status in REDIRECT_STATUSES and not follow_redirects):
+                self.breaker.success(mirror.url)
+                return opened
+            if status >= 500:
+                self.breaker.failure(mirror.url)
+            await opened.response.aclose()  # a 404 (not mirrored) or a refusal: ask the next
+        return None
 
     async def _open_on(
         self,
