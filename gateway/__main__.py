@@ -170,6 +170,8 @@ def _listen(hosts: list[str], port: int, *, fallback: bool) -> list[socket.socke
             sock.listen(2048)  # uvicorn's backlog
         except OSError as exc:
             sock.close()
+            if fallback and family == socket.AF_INET6 and exc.errno in _NO_IPV6:
+                return _listen(["0.0.0.0"], port, fallback=False)  # IPv6 switched off in this namespace
             sys.exit(f"registry-gateway: error: cannot listen on {where}:{port}: {exc.strerror}")
         sock.set_inheritable(True)  # handed to the workers (uvicorn's Multiprocess)
         port = port or sock.getsockname()[1]  # --port 0: one port for every address
