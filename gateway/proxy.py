@@ -435,7 +435,14 @@ class Relay:
                 metrics.upstream_error(ex.route_name, "timeout")
             finally:
                 in_flight.dec()
-            tracing.set_attributes(current, {"registry.body.bytes": sent, "registry.body.end": end.value})
+            tracing.set_attributes(
+                current,
+                {
+                    "registry.body.bytes": sent,
+                    "registry.body.end": end.value,
+                    "registry.body.resumes": ex.record.resumes,
+                },
+            )
         ex.record.bytes = sent
         if verdict is not None:
             self._judge(ex, verdict)

@@ -91,6 +91,7 @@ async def test_a_blob_pull_shows_the_redirect_hop_and_the_body(fake, exporter):
     (body,) = [s for s in children(spans, server) if s.name == "body"]
     assert body.attributes is not None
     assert (body.attributes["registry.body.bytes"], body.attributes["registry.body.end"]) == (len(BLOB), "complete")
+    assert "registry.body.resumes" not in body.attributes  # none happened
 
 
 async def test_an_upstream_failure_marks_the_hop_and_the_request(fake, exporter):
