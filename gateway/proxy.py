@@ -529,8 +529,14 @@ class Relay:
         if verdict.actual == ex.api.reference:
             ex.record.verified = "ok"
             return
-        ex.record.verified = "mismatch"
         ex.record.error = "digest_mismatch"
+        self._mismatched(
+            ex, verdict.actual, "a blob's bytes did not match its digest; the client's transfer was aborted"
+        )
+
+    def _mismatched(self, ex: Exchange, actual: str, message: str) -> None:
+        """Bytes that are not what their digest names: recorded, logged, and that upstream avoided for them."""
+        ex.record.verified = "mismatch"
         if ex.upstream is not None:
             self.clients[ex.route_name].avoid(ex.upstream, ex.api.reference)
         fields = {
@@ -539,11 +545,9 @@ class Relay:
             "route": ex.route_name,
             "upstream": ex.record.upstream,
             "digest": ex.api.reference,
-            "actual": verdict.actual,
+            "actual": actual,
         }
-        logger.warning(
-            "a blob's bytes did not match its digest; the client's transfer was aborted", extra={"fields": fields}
-        )
+        logger.warning(message, extra={"fields": fields})
 
     async def _renamed_tag_list(
         self, ex: Exchange, headers: Headers, body: AsyncIterator[bytes]
@@ -644,18 +648,7 @@ class Relay:
         actual = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
         if actual == ex.api.reference:
             return
-        ex.record.verified = "mismatch"
-        if ex.upstream is not None:
-            self.clients[ex.route_name].avoid(ex.upstream, ex.api.reference)
-        fields = {
-            "event": "digest_mismatch",
-            "request_id": ex.record.request_id,
-            "route": ex.route_name,
-            "upstream": ex.record.upstream,
-            "digest": ex.api.reference,
-            "actual": actual,
-        }
-        logger.warning("a manifest's bytes did not match its digest; not served", extra={"fields": fields})
+        self._mismatched(ex, actual, "a manifest's bytes did not match its digest; not served")
         raise RegistryError(
             502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest whose bytes do not match {ex.api.reference}"
         )
