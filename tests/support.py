@@ -84,9 +84,14 @@ def run_gateway(
         wait_for_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield Gateway(url=f"http://127.0.0.1:{port}", port=port, log=log, proc=proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT, wait_for_http
+from tests.support import ROOT, stop, wait_for_http
 
 ROUTES = '[[route]]\nname = "local.test"\nupstream = "http://127.0.0.1:1"\ndefault = true\n'
 V4 = "http://127.0.0.1:{port}"
@@ -62,12 +62,7 @@ def gateway(
     try:
         yield port, proc, log
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def access_clients(log: Path) -> list[str]:
