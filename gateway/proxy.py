@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urljoin
+from urllib.parse import urljoin
 
 import httpx
 
-from gateway import metrics, passthrough, tracing
+from gateway import integrity, metrics, passthrough, tracing
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -44,14 +42,10 @@ from gateway.asgi import (
     send_json,
     stream_body,
 )
-from gateway.authorizer import Login
-from gateway.blob_check import DigestMismatch, Verdict, algorithm_of, verified
+from gateway.blob_check import DigestMismatch, Verdict
 from gateway.errors import (
-    PAGINATION_NUMBER_INVALID,
-    TAG_INVALID,
     UNAVAILABLE,
     UNKNOWN,
-    UNSUPPORTED,
     LoginRequired,
     RegistryError,
     code_for_status,
@@ -59,9 +53,9 @@ from gateway.errors import (
     is_registry_error_body,
     unsupported_method,
 )
+from gateway.exchange import Exchange
 from gateway.httputil import (
     ERROR_RESPONSE_HEADERS,
-    FORWARD_REQUEST_HEADERS,
     REDIRECT_STATUSES,
     entity_tag_matches,
     read_capped,
@@ -71,156 +65,29 @@ from gateway.httputil import (
 )
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
-from gateway.reference import ApiPath, Kind, check_raw_path, check_reference, is_digest, parse_api_path
-from gateway.resume import continues, resumable, segment_of
-from gateway.routes import RequestFacts, RouteTable, Target, Upstream
+from gateway.reference import Kind, check_raw_path, check_reference, parse_api_path
+from gateway.request_rules import (
+    NOT_MODIFIED_HEADERS,
+    check_request_headers,
+    entity_tag_of,
+    renamed_tag_list_start,
+    upstream_headers,
+    upstream_query,
+)
+from gateway.routes import RequestFacts, RouteTable, Target
 from gateway.upstream import Opened, UpstreamClient
 from gateway.upstream_errors import BODY, upstream_errors
 
 logger = logging.getLogger("gateway.proxy")
+
+# What ends a body mid-stream as a broken upstream (the client's connection is aborted).
+_STREAM_ERRORS = (httpx.HTTPError, DigestMismatch)
 
 # distribution refuses to store manifests over 4 MiB (registry/handlers/manifests.go,
 # maxManifestBodySize); a bigger one from an upstream is broken or hostile.
 MAX_MANIFEST_BYTES = 4 << 20
 # Error bodies are a few hundred bytes; anything past this is replaced by our own message.
 MAX_ERROR_BODY = 64 << 10
-# Tag list pages: distribution-spec allows any n; the cap only stops absurd values.
-MAX_PAGE_SIZE = 100_000
-# Real clients send a few hundred bytes of headers. These caps keep oversized values
-# (an Accept of 100 KB, a cookie jar) from being forwarded or parsed at all.
-MAX_HEADER_VALUE = 8 << 10
-MAX_HEADERS_TOTAL = 32 << 10
-
-
-# RFC 9110 15.4.5: a 304 carries what a 200 would have in these fields, and no content headers.
-_NOT_MODIFIED_HEADERS = frozenset({b"etag", b"cache-control", b"expires", b"vary", b"docker-content-digest"})
-
-
-def _entity_tag(headers: Headers) -> str | None:
-    """A cached manifest's entity-tag: the upstream's ETag, else its digest quoted (distribution's ETag)."""
-    found = dict(headers)
-    if b"etag" in found:
-        return found[b"etag"].decode("latin-1")
-    digest = found.get(b"docker-content-digest")
-    return f'"{digest.decode("latin-1")}"' if digest else None
-
-
-def renamed_tag_list_start(start: bytes, upstream_name: str, client_name: str, *, complete: bool) -> bytes | None:
-    """The first bytes of a ``tags/list`` body with ``name`` in the client's namespace; None: need more bytes.
-
-    distribution-spec "Listing Tags": ``{"name": "<name>", "tags": [...]}``, where ``<name>``
-    is the repository the client asked for. The name member comes first in what registries
-    write (Go's encoding/json, compact; Python's json, with a space), so only the start of
-    the body is rewritten and the rest streams as it comes. A body that starts otherwise
-    passes unchanged. ``complete``: the body has no more bytes.
-    """
-    quoted = json.dumps(upstream_name).encode()
-    for key in (b'{"name":', b'{"name": '):
-        expected = key + quoted
-        if start.startswith(expected):
-            return key + json.dumps(client_name).encode() + start[len(expected) :]
-        if expected.startswith(start) and not complete:
-            return None
-    return start
-
-
-def check_request_headers(scope: Scope) -> None:
-    total = 0
-    for key, value in scope["headers"]:
-        size = len(key) + len(value)
-        total += size
-        if len(value) > MAX_HEADER_VALUE or total > MAX_HEADERS_TOTAL:
-            raise RegistryError(
-                431,
-                UNSUPPORTED,
-                f"request headers too large (at most {MAX_HEADER_VALUE} bytes per header, {MAX_HEADERS_TOTAL} in all)",
-            )
-
-
-# What ends a body mid-stream as a broken upstream (the client's connection is aborted).
-_STREAM_ERRORS = (httpx.HTTPError, DigestMismatch)
-
-
-def _bad_request(code: str, message: str) -> RegistryError:
-    return RegistryError(400, code, message)
-
-
-def upstream_query(kind: Kind, query_string: bytes) -> tuple[str, str | None]:
-    """(query to send upstream, ns) from the client's query string.
-
-    Only parameters the endpoint defines go upstream (``n``/``last`` for tags,
-    ``artifactType`` for referrers); ``ns`` selects a route and everything else is
-    ignored, never an error (containerd adds ``ns``; other clients add their own).
-    """
-    ns: str | None = None
-    forward: list[tuple[str, str]] = []
-    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
-        if key == "ns":
-            ns = ns or value
-        elif kind is Kind.TAGS and key == "n":
-            if not (value.isascii() and value.isdigit()) or len(value) > 6 or int(value) > MAX_PAGE_SIZE:
-                raise _bad_request(PAGINATION_NUMBER_INVALID, f"n must be an integer from 0 to {MAX_PAGE_SIZE}")
-            forward.append((key, value))
-        elif kind is Kind.TAGS and key == "last":
-            if len(value) > 128:
-                raise _bad_request(TAG_INVALID, "last must be a tag (at most 128 characters)")
-            forward.append((key, value))
-        elif kind is Kind.REFERRERS and key == "artifactType":
-            if len(value) > 255:
-                raise _bad_request(UNSUPPORTED, "artifactType is too long")
-            forward.append((key, value))
-    return urlencode(forward), ns
-
-
-def upstream_headers(scope: Scope) -> dict[str, str]:
-    """The client headers that go upstream; repeated ones (Docker sends one Accept per type) joined."""
-    out: dict[str, str] = {}
-    for key, value in scope["headers"]:
-        if key in FORWARD_REQUEST_HEADERS:
-            name = key.decode("latin-1")
-            if not value.isascii():
-                # Registry clients only send ASCII here; other bytes cannot be forwarded faithfully.
-                raise RegistryError(400, UNSUPPORTED, f"the {name} header must be ASCII")
-            text = value.decode("ascii")
-            out[name] = f"{out[name]}, {text}" if name in out else text
-    # Bodies are relayed raw, so the upstream must not pick an encoding the client
-    # did not ask for; with no Accept-Encoding at all, ask for none.
-    out.setdefault("accept-encoding", "identity")
-    return out
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One client request on its way through the relay, once its route is known."""
-
-    scope: Scope
-    receive: Receive
-    send: Send
-    record: RequestRecord
-    api: ApiPath
-    target: Target
-    head: bool
-    # What authorizes the request upstream (the route's authorizer admitted it).
-    login: Login
-    # Whole-answer deadline (loop time): set when the request goes upstream.
-    deadline: float = 0.0
-    # Where a cacheable manifest answer goes; None once it proves not cacheable.
-    cache_key: CacheKey | None = None
-    # The upstream that answered, once one did.
-    upstream: Upstream | None = None
-
-    @property
-    def route_name(self) -> str:
-        return self.target.route.name
-
-    @property
-    def content_addressed(self) -> bool:
-        """A blob, or a manifest by digest: the bytes are named by their hash (and checked against it)."""
-        return self.api.kind is Kind.BLOB or (self.api.kind is Kind.MANIFEST and is_digest(self.api.reference))
-
-    @property
-    def upstream_path(self) -> str:
-        return f"/v2/{self.target.upstream_name}/{self.api.tail()}"
 
 
 class Relay:
@@ -309,9 +176,9 @@ class Relay:
             return False
         ex.record.cache = "hit"
         conditions = [v.decode("latin-1") for k, v in ex.scope["headers"] if k == b"if-none-match"]
-        if conditions and entity_tag_matches(conditions, _entity_tag(entry.headers)):
+        if conditions and entity_tag_matches(conditions, entity_tag_of(entry.headers)):
             # What the upstream answers a matching If-None-Match: 304, the validators, no body.
-            validators = [(k, v) for k, v in entry.headers if k in _NOT_MODIFIED_HEADERS]
+            validators = [(k, v) for k, v in entry.headers if k in NOT_MODIFIED_HEADERS]
             await ex.send({"type": "http.response.start", "status": 304, "headers": [*validators, API_VERSION_HEADER]})
             await ex.send({"type": "http.response.body", "body": b""})
             return True
@@ -413,9 +280,9 @@ class Relay:
                 body = await self._renamed_tag_list(ex, headers, body)
         verdict: Verdict | None = None
         if ex.api.kind is Kind.BLOB and not ex.head:
-            body = self._resumable(ex, resp, body)
+            body = integrity.resumable_body(ex, self.clients[ex.route_name], resp, body, self.blob_resumes)
             if resp.status_code == 200:
-                body, verdict = self._checked(ex, body)
+                body, verdict = integrity.checked_body(ex, body)
         headers.append(API_VERSION_HEADER)
         await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
         if ex.head or resp.status_code in (204, 304):
@@ -445,109 +312,13 @@ class Relay:
             )
         ex.record.bytes = sent
         if verdict is not None:
-            self._judge(ex, verdict)
+            integrity.judge(ex, self.clients[ex.route_name], verdict)
         if end is not StreamEnd.COMPLETE and ex.record.verified != "mismatch":
             ex.record.error = end.value
             if end is StreamEnd.UPSTREAM_BROKE:
                 metrics.upstream_error(ex.route_name, "broken_stream")
                 fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
                 logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
-
-    def _resumable(self, ex: Exchange, resp: httpx.Response, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
-        segment = segment_of(resp.status_code, resp.headers)
-        if segment is None or self.blob_resumes <= 0:
-            return body
-        client = self.clients[ex.route_name]
-        later: list[httpx.Response] = []  # the answers to resumes, closed when done
-
-        async def reopen(sent: int) -> AsyncIterator[bytes]:
-            while later:
-                await later.pop().aclose()
-            headers = upstream_headers(ex.scope)
-            headers["range"] = segment.rest_from(sent)
-            async with asyncio.timeout(client.timeouts.manifest):
-                opened = await client.open(
-                    "GET",
-                    ex.upstream_path,
-                    headers=headers,
-                    repository=ex.target.upstream_name,
-                    login=ex.login,
-                    avoid=ex.api.reference,
-                    content_addressed=True,
-                )
-            later.append(opened.response)
-            if not continues(segment, sent, opened.response.status_code, opened.response.headers):
-                raise RuntimeError(
-                    f"the resume answered {opened.response.status_code} "
-                    f"{opened.response.headers.get('content-range', '')}, not the rest of the blob"
-                )
-            ex.record.upstream = opened.upstream.url
-            ex.upstream = opened.upstream
-            return opened.response.aiter_raw()
-
-        def on_resume(sent: int, error: BaseException) -> None:
-            ex.record.resumes = (ex.record.resumes or 0) + 1
-            fields = {
-                "event": "blob_resume",
-                "request_id": ex.record.request_id,
-                "route": ex.route_name,
-                "upstream": ex.record.upstream,
-                "digest": ex.api.reference,
-                "offset": segment.first + sent,
-                "error": type(error).__name__,
-            }
-            logger.info("a blob body broke; asking for the rest", extra={"fields": fields})
-
-        async def resumed() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in resumable(body, segment, reopen, max_resumes=self.blob_resumes, on_resume=on_resume):
-                    yield chunk
-            finally:
-                while later:
-                    await later.pop().aclose()
-
-        return resumed()
-
-    @staticmethod
-    def _checked(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
-        """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
-        if not ex.target.route.verify_blobs:
-            ex.record.verified = "off"
-            return body, None
-        algorithm = algorithm_of(ex.api.reference)
-        if algorithm is None:
-            ex.record.verified = "unknown_algorithm"
-            return body, None
-        verdict = Verdict()
-        return verified(body, ex.api.reference, algorithm, verdict), verdict
-
-    def _judge(self, ex: Exchange, verdict: Verdict) -> None:
-        if verdict.actual is None:
-            ex.record.verified = "incomplete"  # the transfer ended before the last byte, for whatever reason
-            return
-        if verdict.actual == ex.api.reference:
-            ex.record.verified = "ok"
-            return
-        ex.record.error = "digest_mismatch"
-        self._mismatched(
-            ex, verdict.actual, "a blob's bytes did not match its digest; the client's transfer was aborted"
-        )
-
-    def _mismatched(self, ex: Exchange, actual: str, message: str) -> None:
-        """Bytes that are not what their digest names: recorded, logged, and that upstream avoided for them."""
-        ex.record.verified = "mismatch"
-        if ex.upstream is not None:
-            self.clients[ex.route_name].avoid(ex.upstream, ex.api.reference)
-        fields = {
-            "event": "digest_mismatch",
-            "request_id": ex.record.request_id,
-            "route": ex.route_name,
-            "upstream": ex.record.upstream,
-            "digest": ex.api.reference,
-            "actual": actual,
-        }
-        logger.warning(message, extra={"fields": fields})
 
     async def _renamed_tag_list(
         self, ex: Exchange, headers: Headers, body: AsyncIterator[bytes]
@@ -626,7 +397,7 @@ class Relay:
             raise RegistryError(
                 502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes"
             )
-        self._check_manifest(ex, body, resp)
+        integrity.check_manifest(ex, self.clients[ex.route_name], body, resp)
         headers = response_headers(resp.headers)
         if "docker-content-digest" not in resp.headers and "content-encoding" not in resp.headers:
             # The spec requires Docker-Content-Digest on manifest answers; some upstreams
@@ -638,20 +409,6 @@ class Relay:
         headers.append(API_VERSION_HEADER)
         ex.record.bytes = len(body)
         await send_body(ex.send, 200, headers, body)
-
-    def _check_manifest(self, ex: Exchange, body: bytes, resp: httpx.Response) -> None:
-        """A manifest asked for by digest must be those bytes (image-spec "Digests"): else a 502, and
-        the upstream (often a mirror) is avoided for it, so the client's retry goes elsewhere."""
-        algorithm = algorithm_of(ex.api.reference) if is_digest(ex.api.reference) else None
-        if algorithm is None or "content-encoding" in resp.headers:
-            return
-        actual = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
-        if actual == ex.api.reference:
-            return
-        self._mismatched(ex, actual, "a manifest's bytes did not match its digest; not served")
-        raise RegistryError(
-            502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest whose bytes do not match {ex.api.reference}"
-        )
 
     async def _relay_error(
         self, ex: Exchange, resp: httpx.Response, *, extra: Sequence[tuple[bytes, bytes]] = ()

@@ -646,7 +646,7 @@ ALLOWED_PARAMETERS = {Kind.TAGS: {"n", "last"}, Kind.REFERRERS: {"artifactType"}
 @FAST_SETTINGS
 @given(kind=st.sampled_from(list(Kind)), query=queries)
 def test_upstream_query_forwards_only_what_the_endpoint_defines(kind: Kind, query: bytes) -> None:
-    from gateway.proxy import upstream_query
+    from gateway.request_rules import upstream_query
 
     try:
         forward, ns = upstream_query(kind, query)

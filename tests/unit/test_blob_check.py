@@ -162,7 +162,7 @@ async def test_a_mismatch_aborts_the_client_and_the_retry_goes_to_the_next_upstr
 async def test_a_mismatch_is_counted_and_logged(fake, caplog):
     flipping_mirror(fake)
     app = in_process_app(fake, mirror_first())
-    with caplog.at_level("WARNING", logger="gateway.proxy"):
+    with caplog.at_level("WARNING", logger="gateway.integrity"):
         await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
     (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "digest_mismatch"]
     fields = record.fields
