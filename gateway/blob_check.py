@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 HASH_BATCH = 1 << 20
-MAX_HASH_LAG = 4 << 20
+MAX_HASH_LAG = 2 << 20
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
 
