@@ -1,0 +1,402 @@
+"""Every byte checked, broken transfers resumed: proven with real registries, real clients and a fault front.
+
+The gateway (a real process) reaches the test bed's registries through ``FaultFront``
+(``tests/testbed/faults.py``), which relays byte for byte and breaks chosen blob answers: an RST
+after N body bytes, a stall, a flipped byte, a Range request answered with a 200. For blobs the
+registry serves itself the front stands before ghcr; for blobs behind a redirect, one front
+stands before hub (its ``Location`` pointed at a second front) and the second before the CDN.
+Each test starts its own gateway, so every count it reads (metrics, log lines, front requests)
+is its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.clients import Containerd, Skopeo, verify_dir_copy
+from tests.support import Gateway, run_gateway
+from tests.testbed.bed import Testbed
+from tests.testbed.faults import FaultFront
+from tests.testbed.images import Image
+
+PLATFORM = "linux/amd64"
+# What curl says of a transfer cut before its Content-Length: 18 (partial file), 56 (reset).
+INCOMPLETE = (18, 56)
+
+pytestmark = pytest.mark.e2e
+
+MakeFront = Callable[..., FaultFront]
+StartGateway = Callable[..., Gateway]
+
+
+@pytest.fixture
+def fronts() -> Iterator[MakeFront]:
+    with ExitStack() as stack:
+
+        def make(target: str, rewrite_location: tuple[str, str] | None = None) -> FaultFront:
+            return stack.enter_context(FaultFront(target, rewrite_location=rewrite_location))
+
+        yield make
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
+    with ExitStack() as stack:
+
+        def start(route: str, upstreams: list[str], env: dict[str, str] | None = None) -> Gateway:
+            listed = ", ".join(f'"{u}"' for u in upstreams)
+            routes = (
+                f'[[route]]\nname = "{route}"\nupstream = [{listed}]\n'
+                "allow_private_addresses = true\ndefault = true\nlibrary = true\n"
+            )
+            return stack.enter_context(run_gateway(routes, tmp_path / "gateway", env=env))
+
+        yield start
+
+
+@dataclass(frozen=True)
+class Way:
+    """How the gateway reaches a blob: straight from a registry, or by the registry's redirect to the CDN."""
+
+    route: str
+    image: str
+    front: FaultFront  # the front that breaks blob bodies
+    upstream: str  # the route's upstream (a front)
+    redirects: FaultFront | None = None  # the front before hub, when blobs are redirected
+
+
+def direct_path(testbed: Testbed, fronts: MakeFront) -> Way:
+    front = fronts(testbed.ghcr.registry_url)
+    return Way("ghcr.io", "app", front, front.url)
+
+
+def cdn_path(testbed: Testbed, fronts: MakeFront) -> Way:
+    cdn = fronts(testbed.cdn_url)
+    hub = fronts(testbed.hub.registry_url, rewrite_location=(testbed.cdn_url, cdn.url))
+    return Way("docker.io", "alpine", cdn, hub.url, redirects=hub)
+
+
+# ---------------------------------------------------------------------- reading what happened
+def log_events(gw: Gateway, event: str) -> list[dict]:
+    return [entry for line in gw.log_lines() if (entry := json.loads(line)).get("event") == event]
+
+
+def blob_gets(gw: Gateway, digest: str) -> list[dict]:
+    return [a for a in log_events(gw, "access") if a["method"] == "GET" and a["path"].endswith(f"/blobs/{digest}")]
+
+
+def metric(gw: Gateway, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    total = 0.0
+    for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
+        match = re.match(r"([a-zA-Z_:]+)(?:\{(.*)\})? (\S+)$", line)
+        if match is None or match[1] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match[2] or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(match[3])
+    return total
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Whether ``predicate`` came true (the gateway logs and counts a request just after its answer)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def blob_bytes(testbed: Testbed, upstream: str, image: Image, digest: str) -> bytes:
+    """The blob as the registry holds it, fetched around the gateway and the fronts."""
+    token = testbed.admin_token(upstream, f"repository:{image.repo}:pull")
+    url = f"{testbed.upstream(upstream).registry_url}/v2/{image.repo}/blobs/{digest}"
+    body = httpx.get(url, headers={"authorization": f"Bearer {token}"}, follow_redirects=True).content
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    return body
+
+
+def curl(url: str, out: Path) -> tuple[int, bytes]:
+    """curl's exit code and the bytes it wrote."""
+    proc = subprocess.run(["curl", "-sS", "--max-time", "60", "-o", str(out), url], capture_output=True, text=True)
+    return proc.returncode, out.read_bytes() if out.exists() else b""
+
+
+def ranges(front: FaultFront, digest: str) -> list[tuple[str | None, int, str | None, int]]:
+    """(Range, status, fault, body bytes sent) of each blob answer the front relayed for ``digest``."""
+    return [(r.range, r.status, r.fault, r.body_bytes) for r in front.requests_for(digest)]
+
+
+# ---------------------------------------------------------------------- resets, with real clients
+@pytest.mark.parametrize("client", ["skopeo", "containerd"])
+@pytest.mark.parametrize("path", ["registry", "cdn"])
+def test_reset_mid_blob_is_resumed_for_real_clients(
+    request: pytest.FixtureRequest,
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    client: str,
+    path: str,
+) -> None:
+    """Each layer's connection is reset half-way once; the pull completes with no client retry."""
+    way = direct_path(testbed, fronts) if path == "registry" else cdn_path(testbed, fronts)
+    image = testbed.images[way.image]
+    layers = image.layers[PLATFORM]
+    for layer in layers:
+        way.front.fault(layer, "reset", at=image.blobs[layer] // 2)
+    gw = start_gateway(way.route, [way.upstream])
+
+    if client == "skopeo":
+        skopeo: Skopeo = request.getfixturevalue("skopeo")
+        verify_dir_copy(skopeo.copy_all(f"127.0.0.1:{gw.port}/{image.repo}:{image.tag}", tmp_path / "copy"), image)
+    else:
+        containerd: Containerd = request.getfixturevalue("containerd")
+        containerd.remove_all()
+        ref = f"{way.route}/{image.repo}:{image.tag}"
+        try:
+            containerd.pull(ref, containerd.hosts_dir({way.route: gw.url}))
+            assert containerd.image_digest(ref) == image.digest
+            assert set(layers) <= set(containerd.ctr("content", "ls", "-q").stdout.split())
+        finally:
+            containerd.remove_all()
+
+    assert wait_for(lambda: all(blob_gets(gw, layer) for layer in layers))
+    resumed = {e["digest"]: e["offset"] for e in log_events(gw, "blob_resume")}
+    assert resumed == {layer: image.blobs[layer] // 2 for layer in layers}
+    for layer in layers:
+        size, half = image.blobs[layer], image.blobs[layer] // 2
+        # One GET by the client (no retry), resumed once and verified whole.
+        [line] = blob_gets(gw, layer)
+        assert (line["status"], line["bytes"], line["resumes"], line["verified"]) == (200, size, 1, "ok")
+        # Upstream: the reset answer with exactly half the bytes, then the rest as a 206.
+        assert ranges(way.front, layer) == [
+            (None, 200, "reset", half),
+            (f"bytes={half}-{size - 1}", 206, None, size - half),
+        ]
+        if way.redirects is not None:  # the resume took a fresh redirect
+            assert len(way.redirects.requests_for(layer, statuses=(307,))) == 2
+    assert metric(gw, "registry_gateway_blob_resumes_total", route=way.route) == len(layers)
+    assert metric(gw, "registry_gateway_blob_checks_total", route=way.route, result="ok") >= len(layers)
+
+
+# ---------------------------------------------------------------------- one blob, by curl
+@pytest.fixture
+def layer(testbed: Testbed) -> tuple[Image, str, int]:
+    image = testbed.images["app"]
+    digest = image.layers[PLATFORM][0]
+    return image, digest, image.blobs[digest]
+
+
+def test_stall_mid_blob_is_resumed(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    image, digest, size = layer
+    half = size // 2
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "stall", at=half)
+    gw = start_gateway(way.route, [way.upstream], env={"GATEWAY_BLOB_IDLE_TIMEOUT": "2"})
+
+    code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
+    assert code == 0
+    assert len(body) == size
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["bytes"], line["resumes"], line["verified"]) == (200, size, 1, "ok")
+    [resume] = log_events(gw, "blob_resume")
+    assert (resume["offset"], resume["error"]) == (half, "ReadTimeout")
+    assert ranges(way.front, digest) == [
+        (None, 200, "stall", half),
+        (f"bytes={half}-{size - 1}", 206, None, size - half),
+    ]
+    assert metric(gw, "registry_gateway_blob_resumes_total", route=way.route) == 1
+    # The stalled connection was let go once the blob was served.
+    assert wait_for(lambda: way.front.held_connections == 0)
+
+
+def test_resume_answered_with_200_aborts_the_client(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    """A 200 (the whole blob again) to the resume's Range is no continuation: the client sees a cut."""
+    image, digest, size = layer
+    half = size // 2
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "reset", at=half)
+    way.front.fault(digest, "ignore_range")
+    gw = start_gateway(way.route, [way.upstream])
+
+    code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
+    assert code in INCOMPLETE
+    # Never a clean end, never a wrong byte: a prefix of the blob (the held last chunk never sent).
+    assert len(body) <= half
+    assert body == real[: len(body)]
+    assert ranges(way.front, digest) == [
+        (None, 200, "reset", half),
+        (f"bytes={half}-{size - 1}", 200, "ignore_range", size),  # sent on without its Range
+    ]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["resumes"], line["verified"], line["error"]) == (
+        200,
+        1,
+        "incomplete",
+        "upstream_broke",
+    )
+    assert line["bytes"] == len(body)
+    assert metric(gw, "registry_gateway_blob_resumes_total", route=way.route) == 1
+
+
+def test_flipped_byte_aborts_and_the_next_pull_uses_the_next_upstream(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    image, digest, size = layer
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "flip", at=size // 2, times=None)
+    gw = start_gateway(way.route, [way.upstream, testbed.ghcr.registry_url])
+    url = f"{gw.url}/v2/{image.repo}/blobs/{digest}"
+
+    code, body = curl(url, tmp_path / "first")
+    assert code in INCOMPLETE
+    assert len(body) < size  # cut before its last byte: the wrong byte is in it, the end is not
+    half = min(len(body), size // 2)
+    assert body[:half] == real[:half]
+    if len(body) > size // 2:
+        assert body[size // 2] == real[size // 2] ^ 0xFF
+    assert ranges(way.front, digest) == [(None, 200, "flip", size)]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["upstream"], line["verified"], line["error"]) == (way.front.url, "mismatch", "digest_mismatch")
+    [mismatch] = log_events(gw, "digest_mismatch")
+    assert (mismatch["digest"], mismatch["upstream"]) == (digest, way.front.url)
+    assert mismatch["actual"] != digest
+    labels = {"route": way.route, "upstream": way.front.url}
+    assert metric(gw, "registry_gateway_digest_mismatch_total", **labels) == 1
+
+    seen = len(way.front.requests)
+    code, body = curl(url, tmp_path / "second")
+    assert (code, body) == (0, real)
+    assert len(way.front.requests) == seen  # the front was not asked again, for anything
+    assert wait_for(lambda: len(blob_gets(gw, digest)) == 2)
+    second = blob_gets(gw, digest)[1]
+    assert (second["upstream"], second["verified"], second["bytes"]) == (testbed.ghcr.registry_url, "ok", size)
+    assert metric(gw, "registry_gateway_digest_mismatch_total", **labels) == 1
+
+
+def test_every_resume_failing_aborts_the_client_and_leaves_no_connection(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    image, digest, size = layer
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "reset", at=1000, times=None)
+    gw = start_gateway(way.route, [way.upstream], env={"GATEWAY_BLOB_RESUMES": "2"})
+
+    code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
+    assert code in INCOMPLETE
+    assert len(body) <= 3000
+    assert body == real[: len(body)]
+    # The first answer and two resumes, each cut after 1,000 bytes; no third resume.
+    assert ranges(way.front, digest) == [
+        (None, 200, "reset", 1000),
+        (f"bytes=1000-{size - 1}", 206, "reset", 1000),
+        (f"bytes=2000-{size - 1}", 206, "reset", 1000),
+    ]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["resumes"], line["verified"], line["error"]) == (
+        200,
+        2,
+        "incomplete",
+        "upstream_broke",
+    )
+    assert [e["offset"] for e in log_events(gw, "blob_resume")] == [1000, 2000]
+    assert metric(gw, "registry_gateway_blob_resumes_total", route=way.route) == 2
+    # Nothing of the gateway's is still connected to the front once the client is gone.
+    assert wait_for(lambda: way.front.open_connections == 0), f"{way.front.open_connections} left open"
+
+
+def test_client_range_is_resumed_from_its_own_offset(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    """A client's own ``Range: bytes=1000-`` that breaks is continued from 1000 plus what came."""
+    image, digest, size = layer
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "reset", at=5000)
+    gw = start_gateway(way.route, [way.upstream])
+    out = tmp_path / "part"
+    proc = subprocess.run(
+        ["curl", "-sS", "-r", "1000-", "-o", str(out), f"{gw.url}/v2/{image.repo}/blobs/{digest}"], capture_output=True
+    )
+    assert proc.returncode == 0
+    assert out.read_bytes() == real[1000:]
+    assert ranges(way.front, digest) == [
+        ("bytes=1000-", 206, "reset", 5000),
+        (f"bytes=6000-{size - 1}", 206, None, size - 6000),
+    ]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["resumes"], line["bytes"]) == (206, 1, size - 1000)
+
+
+def test_flipped_byte_in_the_resumed_part_is_caught(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    """The digest check spans the first answer and the resume's 206 as one body."""
+    image, digest, size = layer
+    half = size // 2
+    way = direct_path(testbed, fronts)
+    way.front.fault(digest, "reset", at=half)
+    way.front.fault(digest, "flip", at=10)  # the reset takes the first answer; this, the resume's
+    gw = start_gateway(way.route, [way.upstream])
+    code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
+    assert code in INCOMPLETE
+    assert len(body) < size
+    assert ranges(way.front, digest) == [
+        (None, 200, "reset", half),
+        (f"bytes={half}-{size - 1}", 206, "flip", size - half),
+    ]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["resumes"], line["verified"], line["error"]) == (1, "mismatch", "digest_mismatch")
+    labels = {"route": way.route, "upstream": way.front.url}
+    assert metric(gw, "registry_gateway_digest_mismatch_total", **labels) == 1
