@@ -51,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ttfb-samples", type=int, help="time-to-first-byte requests per path (default 15; --quick: 5)")
     p.add_argument("--token-requests", type=int, default=1000, help="manifest GETs for the token count")
     p.add_argument(
+        "--resume-every-mib",
+        type=int,
+        help="the resume scenario: the big blob through fault fronts that reset every N MiB, against the same "
+        "path clean (default 100; --quick: 16; 0 skips it)",
+    )
+    p.add_argument(
         "--load-generator",
         choices=["auto", "wrk", "hey"],
         default="auto",
@@ -110,6 +116,7 @@ def options_from(args: argparse.Namespace) -> Options:
         route_options=dict(args.route_option),
         load_generator=args.load_generator,
         quick=quick,
+        resume_every_mib=max(0, pick(args.resume_every_mib, 100, 16)),
     )
 
 

@@ -50,6 +50,7 @@ class Options:
     route_options: dict[str, str]
     load_generator: str
     quick: bool
+    resume_every_mib: int = 0
 
 
 @dataclass
@@ -80,6 +81,16 @@ class Figures:
         default_factory=lambda: Figure("upstream_cpu", "registry+CDN CPU, N streams", "s/GiB", "lower")
     )
     client_cpu: Figure = field(default_factory=lambda: Figure("client_cpu", "curl CPU, N streams", "s/GiB", "lower"))
+    resume_clean: Figure = field(
+        default_factory=lambda: Figure(
+            "resume_clean", "1 stream via fault fronts, clean", "MB/s", "higher", optional=True
+        )
+    )
+    resume_broken: Figure = field(
+        default_factory=lambda: Figure(
+            "resume_broken", "1 stream via fault fronts, reset every R MiB", "MB/s", "higher", optional=True
+        )
+    )
 
     def ordered(self) -> list[Figure]:
         return [
@@ -99,6 +110,8 @@ class Figures:
             self.ttfb_big,
             self.upstream_cpu,
             self.client_cpu,
+            self.resume_clean,
+            self.resume_broken,
         ]
 
 
@@ -148,6 +161,9 @@ class Run:
         for figure in (f.tokens_cold, f.tokens_warm):
             figure.missing["direct"] = figure.missing["nginx"] = "n/a"
         f.upstream_cpu.optional = f.client_cpu.optional = True
+        f.resume_broken.label = f"1 stream via fault fronts, reset every {o.resume_every_mib} MiB"
+        for figure in (f.resume_clean, f.resume_broken):
+            figure.missing["direct"] = figure.missing["nginx"] = "n/a"
 
     # ------------------------------------------------------------------ bookkeeping
     def log(self, message: str) -> None:
@@ -217,6 +233,7 @@ class Run:
             self.measure_single_stream()
             self.measure_aggregate()
             self.measure_manifests()
+            self.measure_resumes(tb)
             direct_auth = self.targets["direct"].auth
             self.extra["client_token_requests"] = direct_auth.fetched if direct_auth is not None else 0
             for name, server in (("nginx", self.nginx), ("gateway", self.gateway)):
@@ -372,6 +389,49 @@ class Run:
                     self.log(f"1 stream via {target.name}: {transfer.bytes_per_second / MB:.0f} MB/s")
 
                 self.attempt("single stream", path, one, [self.figures.single, self.figures.ttfb_big])
+
+    def measure_resumes(self, tb: Any) -> None:
+        """The big blob through a second gateway whose upstream resets every R MiB (RST at the CDN hop),
+        against the same path without faults: what resuming costs (GATEWAY_BLOB_RESUMES is raised)."""
+        from tests.testbed.faults import FaultFront
+
+        o = self.options
+        if o.resume_every_mib <= 0 or "gateway" in self.failed:
+            return
+        every = o.resume_every_mib << 20
+        resumes = self.big_size // every + 2
+        with (
+            FaultFront(tb.cdn_url) as cdn,
+            FaultFront(tb.hub.registry_url, rewrite_location=(tb.cdn_url, cdn.url)) as hub,
+        ):
+            gateway = Gateway(
+                self.workdir / "gateway-resume",
+                hub.url,
+                env={**o.gateway_env, "GATEWAY_BLOB_RESUMES": str(resumes)},
+                command=o.gateway_cmd,
+                route_options={PRIVATE_KEY: "true", **o.route_options},
+            )
+            try:
+                gateway.start()
+                target = Target("gateway", gateway.url, None, follow_redirects=False)
+                for _ in range(o.repeat):
+                    for figure, broken in ((self.figures.resume_clean, False), (self.figures.resume_broken, True)):
+                        cdn.clear()
+                        if broken:
+                            cdn.fault(self.big_digest, "reset", at=every, times=None)
+
+                        def one(figure: Figure = figure, broken: bool = broken) -> None:
+                            transfer = clients.download(target, self.big_path, self.big_size)
+                            figure.add("gateway", transfer.bytes_per_second / MB)
+                            kind = f"reset every {o.resume_every_mib} MiB" if broken else "clean"
+                            self.log(f"1 stream via fault fronts, {kind}: {transfer.bytes_per_second / MB:.0f} MB/s")
+
+                        self.attempt("resume scenario", "gateway", one, [figure])
+                self.extra["resume_scenario"] = {"every_bytes": every, "blob_resumes": resumes}
+            except (ServerError, OSError) as exc:
+                self.warn(f"the resume scenario could not run: {exc}")
+            finally:
+                gateway.stop()
 
     def server_pids(self, path: str) -> list[int]:
         if path == "gateway" and self.gateway is not None:

@@ -24,8 +24,8 @@ import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-HASH_BATCH = 1 << 20
-MAX_HASH_LAG = 2 << 20
+HASH_BATCH = 512 << 10
+MAX_HASH_LAG = 1 << 20
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
 
