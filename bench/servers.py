@@ -7,7 +7,6 @@ import hashlib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import IO
 import httpx
 
 from bench import procs
+from tests.testbed._util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
@@ -24,13 +24,6 @@ LOOPBACK = "127.0.0.1"
 
 class ServerError(RuntimeError):
     """A server under test did not start, or died."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tail(path: Path, lines: int = 8, width: int = 240) -> str:
