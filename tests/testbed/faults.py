@@ -21,10 +21,13 @@ uses no ``times``); ``ignore_range`` to requests with a ``Range`` header. ``time
 matching request. Before a reset, the front waits until the peer has acknowledged every byte
 sent, so the peer holds exactly ``at`` bytes when the RST arrives.
 
-``requests`` lists every request seen (method, target, Range, status, fault, body bytes sent);
+``requests`` lists every request seen (method, target, Range, status, fault, body bytes sent,
+Authorization as sent);
 ``open_connections`` and ``held_connections`` (stalls) count client connections now open.
 ``rewrite_location=(old, new)`` replaces a ``Location`` prefix, so a registry's redirect to the
-CDN can be pointed at another front.
+CDN can be pointed at another front; ``location_query`` (called once per rewritten ``Location``)
+appends its ``name=value`` to that Location's query, so each redirect names a URL of its own
+(a signed URL with its expiry, say).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -75,6 +79,7 @@ class FrontRequest:
     fault: FaultKind | None = None
     status: int = 0
     body_bytes: int = 0
+    authorization: str | None = None
 
 
 class _Reset(Exception):
@@ -168,10 +173,17 @@ class _Answer:
 class FaultFront:
     """A byte-for-byte HTTP/1.1 front for ``target`` that injects faults on command (see the module)."""
 
-    def __init__(self, target: str, *, rewrite_location: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        rewrite_location: tuple[str, str] | None = None,
+        location_query: Callable[[], str] | None = None,
+    ) -> None:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.target_host, self.target_port = host, int(port)
         self.rewrite_location = rewrite_location
+        self.location_query = location_query
         self.port = 0
         #: client connections now open, and those of them a stall holds
         self.open_connections = 0
@@ -287,7 +299,7 @@ class FaultFront:
     ) -> bool:
         """Relay one request and its answer; whether both connections may carry another."""
         method, target, _ = lines[0].decode("latin-1").split(" ", 2)
-        entry = FrontRequest(method, target, _header(lines, b"range"))
+        entry = FrontRequest(method, target, _header(lines, b"range"), authorization=_header(lines, b"authorization"))
         with self._lock:
             self._requests.append(entry)
         if entry.range is not None and self._take(target, frozenset({"ignore_range"})) is not None:
@@ -317,7 +329,10 @@ class FaultFront:
         if self.rewrite_location is None or location is None or not location.startswith(self.rewrite_location[0]):
             return head
         old, new = self.rewrite_location
-        return [*_without(head, b"location"), b"Location: " + (new + location[len(old) :]).encode("latin-1")]
+        location = new + location[len(old) :]
+        if self.location_query is not None:
+            location += ("&" if "?" in location else "?") + self.location_query()
+        return [*_without(head, b"location"), b"Location: " + location.encode("latin-1")]
 
     async def _body(
         self, method: str, head: list[bytes], status: int, up: asyncio.StreamReader, answer: _Answer
