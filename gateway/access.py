@@ -1,7 +1,8 @@
 """Who may use the gateway, and how fast: client authentication and a per-IP rate limit.
 
-Both are off unless configured, and both apply only to the registry API (``/v2/``)
-and the token relay; health and metrics stay open for probes and scrapers.
+Both are off unless configured, and both apply only to the registry API (``/v2/``),
+the token relay and the budget status (``/status/budget``); health and metrics stay open
+for probes and scrapers.
 
 Authentication accepts either
 - HTTP Basic checked against an htpasswd file of bcrypt entries (``htpasswd -B``),
@@ -41,7 +42,7 @@ import bcrypt
 from gateway.asgi import ASGIApp, Receive, Scope, Send, header_value, send_error
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, ConfigError, RegistryError
 from gateway.log import record_of
-from gateway.reference import is_registry_path
+from gateway.reference import BUDGET_STATUS_PATH, is_registry_path
 
 REALM = "registry-gateway"
 _CACHE_SECONDS = 300.0
@@ -165,7 +166,8 @@ class AccessControl:
         self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_registry_path(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (is_registry_path(path) or path == BUDGET_STATUS_PATH):
             await self.app(scope, receive, send)
             return
         head = scope["method"] == "HEAD"

@@ -7,6 +7,7 @@ given); ``worker_app`` is the factory uvicorn calls in every worker process.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from gateway.access import AccessControl, ClientAuth, RateLimiter
 from gateway.asgi import ASGIApp, Receive, Scope, Send, error_headers
 from gateway.authorizer import authorizer_for
 from gateway.breaker import Breaker
+from gateway.budget import BudgetStore
 from gateway.egress import route_transport
 from gateway.errors import UNSUPPORTED, ConfigError, RegistryError
 from gateway.forwarded import ForwardedHeadersMiddleware
@@ -29,7 +31,7 @@ from gateway.log import AccessLogMiddleware, configure_logging
 from gateway.manifest_cache import ManifestCache
 from gateway.passthrough import TokenRelay
 from gateway.proxy import Relay
-from gateway.reference import TOKEN_PATH, is_api_path
+from gateway.reference import BUDGET_STATUS_PATH, TOKEN_PATH, is_api_path
 from gateway.routes import RouteTable
 from gateway.routes_file import load_routes
 from gateway.settings import Settings
@@ -129,8 +131,10 @@ def create_app(
             max_bytes=settings.manifest_cache_bytes,
             tag_ttl=settings.manifest_cache_tag_ttl,
             digest_ttl=settings.manifest_cache_digest_ttl,
+            stale_if_error=settings.manifest_stale_if_error,
         )
-    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes)
+    budgets = BudgetStore(settings.budget_thresholds())
+    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -141,6 +145,13 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
+
+    async def budget_status(request: Request) -> Response:
+        # This worker's view: the last answer it saw per route and credential (metrics: all workers).
+        return JSONResponse(
+            {"budgets": budgets.snapshot(), "warn_at": list(budgets.warn_at), "pid": os.getpid()},
+            headers={"cache-control": "no-store"},
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -156,6 +167,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route(BUDGET_STATUS_PATH, budget_status, methods=["GET"]),
         ],
         exception_handlers={404: _not_found, 405: _not_found},
         lifespan=lifespan,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway import metrics
+from gateway.budget import ANONYMOUS, CLIENT
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import LoginRequired, RegistryError
 from gateway.policy import Origin
@@ -93,6 +94,13 @@ class Authorizer(abc.ABC):
     async def answer(self, login: Login, hop: Hop, challenges: Sequence[str], sent: str | None) -> str | None:
         """The Authorization answering a 401 with these ``WWW-Authenticate`` values; None: relay the 401."""
 
+    @abc.abstractmethod
+    def identity_for(self, login: Login, origin: Origin) -> str:
+        """Whose pull budget an answer from ``origin`` spends: ``user:<name>``, ``anonymous`` or ``client``.
+
+        Never a secret: what the budget gauges and the status endpoint show (``budget.py``).
+        """
+
     def remembered(self, origin: Origin) -> Challenge | None:
         return self._challenges.get(origin)
 
@@ -121,6 +129,10 @@ class GatewayTokenAuthorizer(Authorizer):
 
     def admit(self, authorization: str | None, repository: str | None) -> Login:
         return GATEWAY_LOGIN  # the client's Authorization is never sent upstream
+
+    def identity_for(self, login: Login, origin: Origin) -> str:
+        credentials = self.credentials_for(origin)
+        return credentials.identity if credentials is not None else ANONYMOUS
 
     def credentials_for(self, origin: Origin) -> Credentials | None:
         """The route's credentials, for the one origin they belong to; None anywhere else."""
@@ -184,6 +196,10 @@ class ClientTokenAuthorizer(GatewayTokenAuthorizer):
         if authorization is None or not authorization.isascii():
             raise LoginRequired(self.route.name, repository)
         return Login(authorization)
+
+    def identity_for(self, login: Login, origin: Origin) -> str:
+        # The figures belong to whichever client asked last: one name for all of them.
+        return CLIENT if origin in self.trusted_origins else ANONYMOUS
 
     async def up_front(self, login: Login, hop: Hop) -> str | None:
         if hop.origin in self.trusted_origins:

@@ -20,6 +20,16 @@ What is cached, and for how long:
 
 Blobs are never cached: they are streamed, whatever their size.
 
+Stale rather than fail: an entry past its lifetime is not dropped but kept as a stale
+candidate for ``stale_if_error`` more seconds (a day by default; 0: dropped at once), as long
+as memory allows (the same byte bound, least recently used first). When the upstream answers
+429 or 5xx, or cannot be reached, the relay serves it (``stale``) with
+``Warning: 110 - "Response is Stale"`` and ``hold``s it: for one more lifetime of its kind
+the stale answer is served without asking the upstream again, so an outage costs the upstream
+one request per manifest per tag lifetime, as a healthy upstream does. A digest is immutable:
+its stale answer is as right as a fresh one. A HEAD that confirms a kept answer's digest
+renews that answer, body included.
+
 Concurrent misses for one key wait for the first one's answer (``Flight``), so a
 thundering herd costs one upstream request.
 """
@@ -48,6 +58,9 @@ class Entry:
     headers: Headers  # lowercase names, Content-Length included
     body: bytes | None  # None: known from a HEAD, can answer HEADs only
     expires_at: float
+    stale_until: float = 0.0  # a stale candidate until then (after expires_at)
+    held_until: float = 0.0  # served stale without asking the upstream until then
+    held_reason: str = ""  # why it is held: rate_limited, status_5xx, unreachable
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,11 +74,13 @@ class ManifestCache:
         max_bytes: int = 64 << 20,
         tag_ttl: float = 30.0,
         digest_ttl: float = 3600.0,
+        stale_if_error: float = 86400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_bytes = max_bytes
         self.tag_ttl = tag_ttl
         self.digest_ttl = digest_ttl
+        self.stale_if_error = stale_if_error
         self._clock = clock
         self._entries: OrderedDict[CacheKey, Entry] = OrderedDict()
         self._bytes = 0
@@ -85,7 +100,22 @@ class ManifestCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if self._clock() >= entry.expires_at:
+        now = self._clock()
+        if now >= entry.expires_at:
+            if now >= entry.stale_until:
+                self._drop(key)
+            return None  # kept as a stale candidate
+        if entry.body is None and not head:
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def stale(self, key: CacheKey, *, head: bool) -> Entry | None:
+        """The last good answer, fresh or not, while it may still be served when the upstream fails."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._clock() >= max(entry.expires_at, entry.stale_until):
             self._drop(key)
             return None
         if entry.body is None and not head:
@@ -93,14 +123,35 @@ class ManifestCache:
         self._entries.move_to_end(key)
         return entry
 
+    def hold(self, key: CacheKey, reason: str) -> None:
+        """The upstream just failed for ``key``: its stale answer stands for one more lifetime."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.held_until = self._clock() + self.ttl_for(key[2])
+            entry.held_reason = reason
+
+    def held(self, key: CacheKey, *, head: bool) -> Entry | None:
+        """A stale answer that stands in for the failing upstream (``hold``), or None."""
+        entry = self._entries.get(key)
+        if entry is None or self._clock() >= entry.held_until:
+            return None
+        return self.stale(key, head=head)
+
     def put(self, key: CacheKey, headers: Headers, body: bytes | None) -> None:
         ttl = self.ttl_for(key[2])
         if ttl <= 0:
             return
+        now = self._clock()
         old = self._entries.get(key)
-        if body is None and old is not None and old.body is not None and self._clock() < old.expires_at:
-            return  # a HEAD does not replace a full answer that is still fresh
-        entry = Entry(headers=headers, body=body, expires_at=self._clock() + ttl)
+        if body is None and old is not None and old.body is not None:
+            if now < old.expires_at:
+                return  # a HEAD does not replace a full answer that is still fresh
+            if _digest_of(headers) is not None and _digest_of(headers) == _digest_of(old.headers):
+                # The upstream confirms the kept answer: it is fresh again, body included.
+                old.expires_at, old.stale_until, old.held_until = now + ttl, now + ttl + self.stale_if_error, 0.0
+                self._entries.move_to_end(key)
+                return
+        entry = Entry(headers=headers, body=body, expires_at=now + ttl, stale_until=now + ttl + self.stale_if_error)
         if entry.size > self.max_bytes // 8:
             return  # one huge manifest must not flush everything else
         if old is not None:
@@ -117,6 +168,13 @@ class ManifestCache:
 
     def flight(self, key: CacheKey) -> Flight:
         return Flight(self, key)
+
+
+def _digest_of(headers: Headers) -> bytes | None:
+    for name, value in headers:
+        if name == b"docker-content-digest":
+            return value
+    return None
 
 
 class Flight:

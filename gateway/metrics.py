@@ -7,7 +7,8 @@ With several workers every process keeps its own values; prometheus-client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``__main__`` when
 ``--workers`` > 1) shares them through files so that ``/metrics``, whichever
 worker answers it, adds them all up. The in-flight gauge uses ``livesum`` so that
-a dead worker's streams stop counting.
+a dead worker's streams stop counting. The upstream budget gauges use ``mostrecent``: the
+last answer any worker saw is the upstream's current word.
 """
 
 from __future__ import annotations
@@ -98,6 +99,37 @@ MANIFEST_CACHE = Counter(
     "Manifest requests answered from the cache (hit) or from the upstream (miss), by route.",
     ["route", "result"],
 )
+# The upstream's pull budget, from Docker Hub's ratelimit-limit / ratelimit-remaining headers
+# ("Docker Hub pull usage and limits"; budget.py), per route and credential identity.
+BUDGET_LIMIT = Gauge(
+    "registry_gateway_upstream_budget_limit",
+    "Pulls the upstream allows per window (ratelimit-limit), by route and credential.",
+    ["route", "credential"],
+    multiprocess_mode="mostrecent",
+)
+BUDGET_REMAINING = Gauge(
+    "registry_gateway_upstream_budget_remaining",
+    "Pulls left in the upstream's current window (ratelimit-remaining), by route and credential.",
+    ["route", "credential"],
+    multiprocess_mode="mostrecent",
+)
+BUDGET_WINDOW = Gauge(
+    "registry_gateway_upstream_budget_window_seconds",
+    "The upstream's rate-limit window (w= of ratelimit-limit / -remaining), by route and credential.",
+    ["route", "credential"],
+    multiprocess_mode="mostrecent",
+)
+UPSTREAM_RATE_LIMITED = Counter(
+    "registry_gateway_upstream_rate_limited",
+    "429 Too Many Requests answers from upstreams, by route and credential.",
+    ["route", "credential"],
+)
+MANIFEST_STALE = Counter(
+    "registry_gateway_manifest_stale",
+    "Manifest answers served stale from the cache because the upstream failed, by route and reason "
+    "(rate_limited, status_5xx, unreachable).",
+    ["route", "reason"],
+)
 
 
 def observe(record: RequestRecord, seconds: float) -> None:
@@ -126,6 +158,21 @@ def observe(record: RequestRecord, seconds: float) -> None:
 def upstream_error(route: str, reason: str) -> None:
     """Count one upstream failure; ``reason`` is its class (``upstream_errors.py`` names most of them)."""
     UPSTREAM_ERRORS.labels(route, reason).inc()
+
+
+def budget(route: str, credential: str, limit: int | None, remaining: int | None, window: int | None) -> None:
+    """Set the budget gauges of one route and credential to what the upstream last said."""
+    for gauge, value in ((BUDGET_LIMIT, limit), (BUDGET_REMAINING, remaining), (BUDGET_WINDOW, window)):
+        if value is not None:
+            gauge.labels(route, credential).set(value)
+
+
+def upstream_rate_limited(route: str, credential: str) -> None:
+    UPSTREAM_RATE_LIMITED.labels(route, credential).inc()
+
+
+def manifest_stale(route: str, reason: str) -> None:
+    MANIFEST_STALE.labels(route, reason).inc()
 
 
 def exposition() -> tuple[bytes, str]:

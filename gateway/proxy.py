@@ -14,6 +14,11 @@ Order of work for a request (each step can end it with a registry error):
 
 HEAD stays HEAD upstream: Docker Hub counts a manifest GET against the pull limit
 and a HEAD not (docker docs, "Docker Hub pull usage"), and clients HEAD first.
+
+Every upstream answer that carries Docker Hub's rate-limit headers (or is a 429) updates
+the route's budget at one place, ``_see_budget`` (``budget.py``). A manifest whose upstream
+answers 429 or 5xx, or cannot be reached, is served from the cache's last good answer while
+it may be (``_serve_stale``, ``manifest_cache.py``), with ``Warning: 110``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from gateway import integrity, metrics, passthrough, tracing
+from gateway import budget, integrity, metrics, passthrough, tracing
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -64,7 +69,8 @@ from gateway.httputil import (
     split_links,
 )
 from gateway.log import RequestRecord, record_of
-from gateway.manifest_cache import CacheKey, ManifestCache, normalise_accept
+from gateway.manifest_cache import CacheKey, Entry, ManifestCache, normalise_accept
+from gateway.policy import origin_of
 from gateway.reference import Kind, check_raw_path, check_reference, parse_api_path
 from gateway.request_rules import (
     NOT_MODIFIED_HEADERS,
@@ -88,6 +94,8 @@ _STREAM_ERRORS = (httpx.HTTPError, DigestMismatch)
 MAX_MANIFEST_BYTES = 4 << 20
 # Error bodies are a few hundred bytes; anything past this is replaced by our own message.
 MAX_ERROR_BODY = 64 << 10
+# RFC 7234 5.5.1 (obsoleted by RFC 9111, still read by people and some tools): a stale answer.
+STALE_WARNING = (b"warning", b'110 - "Response is Stale"')
 
 
 class Relay:
@@ -100,10 +108,13 @@ class Relay:
         cache: ManifestCache | None = None,
         *,
         blob_resumes: int = 0,
+        budgets: budget.BudgetStore | None = None,
     ) -> None:
         self.table = table
         self.clients = clients
         self.cache = cache
+        # The upstreams' pull budgets, per route and credential (``budget.py``).
+        self.budgets = budgets if budgets is not None else budget.BudgetStore()
         # How many times one blob body that breaks is asked for again from where it broke.
         self.blob_resumes = blob_resumes
 
@@ -172,24 +183,97 @@ class Relay:
     async def _from_cache(self, ex: Exchange, key: CacheKey) -> bool:
         assert self.cache is not None
         entry = self.cache.get(key, head=ex.head)
+        if entry is not None:
+            ex.record.cache = "hit"
+            await self._send_entry(ex, entry)
+            return True
+        entry = self.cache.held(key, head=ex.head)  # the upstream failed a moment ago: not asked again
         if entry is None:
             return False
-        ex.record.cache = "hit"
+        await self._send_stale(ex, entry, entry.held_reason)
+        return True
+
+    async def _send_entry(self, ex: Exchange, entry: Entry, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         conditions = [v.decode("latin-1") for k, v in ex.scope["headers"] if k == b"if-none-match"]
         if conditions and entity_tag_matches(conditions, entity_tag_of(entry.headers)):
             # What the upstream answers a matching If-None-Match: 304, the validators, no body.
             validators = [(k, v) for k, v in entry.headers if k in NOT_MODIFIED_HEADERS]
-            await ex.send({"type": "http.response.start", "status": 304, "headers": [*validators, API_VERSION_HEADER]})
+            headers = [*validators, *extra, API_VERSION_HEADER]
+            await ex.send({"type": "http.response.start", "status": 304, "headers": headers})
             await ex.send({"type": "http.response.body", "body": b""})
-            return True
-        headers = [*entry.headers, API_VERSION_HEADER]
+            return
+        headers = [*entry.headers, *extra, API_VERSION_HEADER]
         if entry.body is None:  # known from a HEAD: its own Content-Length stands
             await ex.send({"type": "http.response.start", "status": 200, "headers": headers})
             await ex.send({"type": "http.response.body", "body": b""})
-            return True
+            return
         ex.record.bytes = 0 if ex.head else len(entry.body)
         await send_body(ex.send, 200, headers, entry.body, head=ex.head)
+
+    async def _serve_stale(self, ex: Exchange, reason: str, status: int) -> bool:
+        """The upstream failed a cached manifest (429, 5xx, unreachable): its last good answer, if kept."""
+        key = ex.cache_key
+        if key is None or self.cache is None:
+            return False
+        entry = self.cache.stale(key, head=ex.head)
+        if entry is None:
+            return False
+        self.cache.hold(key, reason)
+        fields = {
+            "event": "manifest_stale",
+            "request_id": ex.record.request_id,
+            "route": ex.route_name,
+            "repository": key[1],
+            "reference": key[2],
+            "reason": reason,
+            "upstream_status": status,
+        }
+        logger.warning("the upstream failed; serving the last good manifest answer", extra={"fields": fields})
+        await self._send_stale(ex, entry, reason)
         return True
+
+    async def _send_stale(self, ex: Exchange, entry: Entry, reason: str) -> None:
+        ex.record.cache = "stale"
+        metrics.manifest_stale(ex.route_name, reason)
+        await self._send_entry(ex, entry, [STALE_WARNING])
+
+    def _see_budget(self, ex: Exchange, opened: Opened) -> None:
+        """The one place the upstream's pull budget is read: answers with Docker Hub's headers, and 429s."""
+        resp = opened.response
+        headers = resp.headers
+        limit = headers.get(budget.LIMIT_HEADER)
+        if limit is None and resp.status_code != 429:
+            return
+        route = ex.route_name
+        credential = self.clients[route].authorizer.identity_for(ex.login, origin_of(opened.url))
+        if resp.status_code == 429:
+            self.budgets.rate_limited(route, credential, headers.get("retry-after"))
+            metrics.upstream_rate_limited(route, credential)
+        seen = self.budgets.observe(
+            route,
+            credential,
+            limit=limit,
+            remaining=headers.get(budget.REMAINING_HEADER),
+            source=headers.get(budget.SOURCE_HEADER),
+            upstream=opened.upstream.url,
+        )
+        if seen is None:
+            return
+        current, crossing = seen
+        metrics.budget(route, credential, current.limit, current.remaining, current.window)
+        if crossing is not None:
+            fields = {
+                "event": "budget_low",
+                "route": route,
+                "credential": credential,
+                "remaining": current.remaining,
+                "limit": current.limit,
+                "window_seconds": current.window,
+                "threshold": crossing.threshold,
+                "source": current.source,
+                "upstream": current.upstream,
+            }
+            logger.warning("the upstream's pull budget is running low", extra={"fields": fields})
 
     async def _from_upstream(self, ex: Exchange, query: str) -> None:
         route = ex.target.route
@@ -213,15 +297,24 @@ class Relay:
                 )
         except TimeoutError:
             metrics.upstream_error(route.name, "timeout")
+            if await self._serve_stale(ex, "unreachable", 504):
+                return
             raise RegistryError(
                 504, UNAVAILABLE, f"upstream {route.name} did not answer within {client.timeouts.manifest:g} s"
             ) from None
+        except RegistryError as exc:
+            failed = exc.status == 429 or exc.status >= 500
+            reason = "rate_limited" if exc.status == 429 else "unreachable"
+            if failed and await self._serve_stale(ex, reason, exc.status):
+                return
+            raise
         ex.upstream = opened.upstream
         ex.record.upstream = opened.upstream.url
         ex.record.upstream_seconds = round(time.perf_counter() - started, 6)
         if opened.redirects:
             ex.record.redirect = "followed"
         try:
+            self._see_budget(ex, opened)
             if ex.login.from_client and opened.response.status_code == 401:
                 # The upstream refused the client's own token: it must log in again, at our realm.
                 challenge = passthrough.challenge_header(ex.scope, route.name, ex.target.client_path_name)
@@ -257,6 +350,11 @@ class Relay:
     async def _answer(self, ex: Exchange, opened: Opened) -> None:
         resp = opened.response
         status = resp.status_code
+        failed = ex.cache_key is not None and (status == 429 or status >= 500)
+        if failed and await self._serve_stale(ex, "rate_limited" if status == 429 else "status_5xx", status):
+            if status >= 500:
+                metrics.upstream_error(ex.route_name, "status_5xx")  # as _relay_error would
+            return
         if ex.cache_key is not None and (status != 200 or "no-store" in resp.headers.get("cache-control", "")):
             ex.cache_key = None
         if status in REDIRECT_STATUSES:

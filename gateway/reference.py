@@ -36,6 +36,9 @@ NAME_MAX_LENGTH = 255
 # The gateway's own token endpoint (passthrough logins), the one path beside /v2 that is
 # part of the registry API a client talks to.
 TOKEN_PATH = "/auth/token"
+# The upstream pull budget as JSON (app.py): upstream state, so behind the same client login as
+# the API when that is on (access.py), unlike health and metrics.
+BUDGET_STATUS_PATH = "/status/budget"
 
 
 def is_api_path(path: str) -> bool:

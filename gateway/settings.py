@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.budget import parse_thresholds
+
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
@@ -96,6 +98,13 @@ class Settings(BaseSettings):
     manifest_cache_bytes: int = Field(default=64 << 20, ge=0)
     manifest_cache_tag_ttl: float = Field(default=30.0, ge=0)
     manifest_cache_digest_ttl: float = Field(default=3600.0, ge=0)
+    # How long past its lifetime a manifest answer is still served when the upstream answers
+    # 429 or 5xx, or cannot be reached (marked Warning: 110); 0: never served stale.
+    manifest_stale_if_error: float = Field(default=86400.0, ge=0)
+
+    # Warn when an upstream's remaining pull budget falls to these fractions of its limit
+    # (Docker Hub's ratelimit-remaining; once per crossing). Empty: no warnings.
+    budget_warn_at: str = "0.5,0.2,0.05"
 
     # How upstream connections are made: "lean" (gateway/transport.py, built for streaming)
     # or "httpx" (httpx's own httpcore transport). Both keep the same behaviour.
@@ -113,6 +122,15 @@ class Settings(BaseSettings):
         if not all(hosts):
             raise ValueError("an empty address in the list")
         return ",".join(dict.fromkeys(hosts))
+
+    @field_validator("budget_warn_at")
+    @classmethod
+    def _fractions(cls, value: str) -> str:
+        parse_thresholds(value)  # ValueError: not fractions in (0, 1]
+        return value
+
+    def budget_thresholds(self) -> tuple[float, ...]:
+        return parse_thresholds(self.budget_warn_at)
 
     @property
     def client_auth_enabled(self) -> bool:
