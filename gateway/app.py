@@ -68,18 +68,24 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 def build_clients(
-    table: RouteTable, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+    table: RouteTable,
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None = None,
+    budgets: BudgetStore | None = None,
 ) -> dict[str, UpstreamClient]:
-    """One UpstreamClient per route; ``transport`` replaces every route's own (the in-process tests)."""
+    """One UpstreamClient per route; ``transport`` replaces every route's own (the in-process tests).
+
+    ``budgets``: the pull budgets the relay records, which the authorizers read to pick an account."""
     tokens = TokenCache()
     timeouts = settings.timeouts()
+    budgets = budgets if budgets is not None else BudgetStore(settings.budget_thresholds())
     clients: dict[str, UpstreamClient] = {}
     for route in table.routes:
         wire = transport or route_transport(route, settings.pool_limits(), settings.upstream_transport)
         clients[route.name] = UpstreamClient(
             route,
             wire,
-            authorizer_for(route, tokens, wire, timeouts),
+            authorizer_for(route, tokens, wire, timeouts, budgets),
             timeouts=timeouts,
             max_redirects=settings.max_redirects,
             breaker=Breaker(settings.breaker_failures, settings.breaker_cooldown),
@@ -124,7 +130,8 @@ def create_app(
     table = table or load_routes(settings.routes)
     # Everything that can be refused is checked before anything is built (connection pools).
     auth = check_settings(settings, table)
-    clients = build_clients(table, settings, transport)
+    budgets = BudgetStore(settings.budget_thresholds())
+    clients = build_clients(table, settings, transport, budgets)
     cache = None
     if settings.manifest_cache_bytes > 0:
         cache = ManifestCache(
@@ -133,7 +140,6 @@ def create_app(
             digest_ttl=settings.manifest_cache_digest_ttl,
             stale_if_error=settings.manifest_stale_if_error,
         )
-    budgets = BudgetStore(settings.budget_thresholds())
     relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets)
 
     async def healthz(request: Request) -> Response:

@@ -27,13 +27,15 @@ Token realms must pass the route's address policy before a token is asked for
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
 
 from gateway import metrics
-from gateway.budget import ANONYMOUS, CLIENT
+from gateway.budget import ANONYMOUS, CLIENT, BudgetStore
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
 from gateway.errors import LoginRequired, RegistryError
 from gateway.policy import Origin
@@ -101,6 +103,14 @@ class Authorizer(abc.ABC):
         Never a secret: what the budget gauges and the status endpoint show (``budget.py``).
         """
 
+    def identity_of(self, authorization: str | None) -> str | None:
+        """Whose credential bought ``authorization`` (a value this authorizer gave), if known."""
+        return None
+
+    async def rate_limited(self, login: Login, hop: Hop, sent: str | None, retry_after: str | None) -> str | None:
+        """The Authorization to try after a 429 to ``sent`` (another account of a pool); None: the 429 stands."""
+        return None
+
     def remembered(self, origin: Origin) -> Challenge | None:
         return self._challenges.get(origin)
 
@@ -123,9 +133,17 @@ class GatewayTokenAuthorizer(Authorizer):
         transport: httpx.AsyncBaseTransport,
         timeouts: Timeouts,
         mode: GatewayTokens | None = None,
+        budgets: BudgetStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(route, tokens, transport, timeouts)
         self.mode = mode or GatewayTokens()
+        self.budgets = budgets
+        self._clock = clock
+        # Accounts a 429 exhausted, until their window ends (monotonic time), and which account
+        # bought each Authorization value handed out (bounded: a few per account and scope).
+        self._exhausted: dict[str, float] = {}
+        self._bought_by: OrderedDict[str, str] = OrderedDict()
 
     def admit(self, authorization: str | None, repository: str | None) -> Login:
         return GATEWAY_LOGIN  # the client's Authorization is never sent upstream
@@ -134,9 +152,47 @@ class GatewayTokenAuthorizer(Authorizer):
         credentials = self.credentials_for(origin)
         return credentials.identity if credentials is not None else ANONYMOUS
 
-    def credentials_for(self, origin: Origin) -> Credentials | None:
-        """The route's credentials, for the one origin they belong to; None anywhere else."""
-        return self.mode.credentials if origin == self.mode.credentials_origin else None
+    def identity_of(self, authorization: str | None) -> str | None:
+        return self._bought_by.get(authorization) if authorization is not None else None
+
+    def credentials_for(self, origin: Origin, repository: str = "") -> Credentials | None:
+        """The credentials for ``repository`` at ``origin``: the route's (or, with several accounts, the
+        pool's account with the most budget left and not exhausted), for their one origin; None elsewhere."""
+        if origin != self.mode.credentials_origin:
+            return None
+        pool = self.mode.candidates(repository)
+        if len(pool) <= 1:
+            return pool[0] if pool else None
+        now = self._clock()
+        live = [c for c in pool if self._exhausted.get(c.identity, 0.0) <= now]
+        if not live:  # every account rests: the one whose window ends first
+            return min(pool, key=lambda c: self._exhausted.get(c.identity, 0.0))
+        return max(live, key=self._budget_left)
+
+    def _budget_left(self, credentials: Credentials) -> float:
+        known = self.budgets.get(self.route.name, credentials.identity) if self.budgets is not None else None
+        # An account never heard of yet has its whole budget: try it.
+        return float("inf") if known is None or known.remaining is None else float(known.remaining)
+
+    async def rate_limited(self, login: Login, hop: Hop, sent: str | None, retry_after: str | None) -> str | None:
+        identity = self.identity_of(sent)
+        if identity is None:
+            return None  # anonymous, or not ours: nothing to rotate to
+        self._exhausted[identity] = self._clock() + self._rest(identity, retry_after)
+        following = self.credentials_for(hop.origin, hop.repository)
+        known = self._challenges.get(hop.origin)
+        if following is None or following.identity == identity or known is None:
+            return None
+        if self._exhausted.get(following.identity, 0.0) > self._clock():
+            return None  # every account of the pool is exhausted: the next upstream, or the 429
+        return await self._authorization(known, hop, None, following)
+
+    def _rest(self, identity: str, retry_after: str | None) -> float:
+        """How long a rate-limited account rests: Retry-After, else the budget's window, else a minute."""
+        if retry_after is not None and retry_after.strip().isdigit():
+            return float(min(int(retry_after), 86_400))
+        known = self.budgets.get(self.route.name, identity) if self.budgets is not None else None
+        return float(known.window) if known is not None and known.window else 60.0
 
     async def up_front(self, login: Login, hop: Hop) -> str | None:
         known = self._challenges.get(hop.origin)
@@ -158,11 +214,13 @@ class GatewayTokenAuthorizer(Authorizer):
         fresh = await self._authorization(challenge, hop, sent)
         return None if fresh == sent else fresh
 
-    async def _authorization(self, challenge: Challenge, hop: Hop, refused: str | None) -> str | None:
+    async def _authorization(
+        self, challenge: Challenge, hop: Hop, refused: str | None, credentials: Credentials | None = None
+    ) -> str | None:
         """The Authorization value answering ``challenge`` for ``hop.repository``."""
-        credentials = self.credentials_for(hop.origin)
+        credentials = credentials or self.credentials_for(hop.origin, hop.repository)
         if challenge.scheme == "basic":
-            return basic_authorization(credentials) if credentials else None
+            return self._bought(basic_authorization(credentials), credentials) if credentials else None
         realm = challenge.realm
         if realm is None:
             return None
@@ -184,7 +242,15 @@ class GatewayTokenAuthorizer(Authorizer):
                 metrics.upstream_error(self.route.name, "token")
                 raise
 
-        return "Bearer " + await self.tokens.obtain(key, fetch)
+        return self._bought("Bearer " + await self.tokens.obtain(key, fetch), credentials)
+
+    def _bought(self, authorization: str, credentials: Credentials | None) -> str:
+        if credentials is not None:
+            self._bought_by[authorization] = credentials.identity
+            self._bought_by.move_to_end(authorization)
+            if len(self._bought_by) > 4096:
+                self._bought_by.popitem(last=False)
+        return authorization
 
 
 class ClientTokenAuthorizer(GatewayTokenAuthorizer):
@@ -213,10 +279,14 @@ class ClientTokenAuthorizer(GatewayTokenAuthorizer):
 
 
 def authorizer_for(
-    route: Route, tokens: TokenCache, transport: httpx.AsyncBaseTransport, timeouts: Timeouts
+    route: Route,
+    tokens: TokenCache,
+    transport: httpx.AsyncBaseTransport,
+    timeouts: Timeouts,
+    budgets: BudgetStore | None = None,
 ) -> Authorizer:
     """The authorizer for the route's mode."""
     mode = route.auth
     if isinstance(mode, ClientTokens):
         return ClientTokenAuthorizer(route, tokens, transport, timeouts)
-    return GatewayTokenAuthorizer(route, tokens, transport, timeouts, mode)
+    return GatewayTokenAuthorizer(route, tokens, transport, timeouts, mode, budgets)

@@ -245,7 +245,7 @@ class Relay:
         if limit is None and resp.status_code != 429:
             return
         route = ex.route_name
-        credential = self.clients[route].authorizer.identity_for(ex.login, origin_of(opened.url))
+        credential = opened.credential or self.clients[route].authorizer.identity_for(ex.login, origin_of(opened.url))
         if resp.status_code == 429:
             self.budgets.rate_limited(route, credential, headers.get("retry-after"))
             metrics.upstream_rate_limited(route, credential)

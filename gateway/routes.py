@@ -38,11 +38,41 @@ class Credentials:
 
     username: str
     password: str = field(repr=False)
+    # The account's configured name ([[route.credentials]] name), for logs and metrics.
+    name: str | None = None
 
     @property
     def identity(self) -> str:
-        """What distinguishes these credentials in cache keys, without the secret."""
-        return f"user:{self.username}"
+        """What distinguishes these credentials in cache keys, logs and metrics, without the secret."""
+        return f"account:{self.name}" if self.name else f"user:{self.username}"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One of a route's ``[[route.credentials]]``: credentials for the repositories its patterns match.
+
+    No patterns: every repository. Accounts whose matching patterns are equally specific
+    form a pool (the gateway spreads the pull budget over them, ``authorizer.py``).
+    """
+
+    credentials: Credentials
+    patterns: tuple[str, ...] = ()
+    _matchers: tuple[re.Pattern[str], ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def build(cls, credentials: Credentials, patterns: Sequence[str]) -> Account:
+        matchers = tuple(m for m in (_compile_patterns([p]) for p in patterns) if m is not None)
+        return cls(credentials, tuple(patterns), matchers)
+
+    def specificity(self, repository: str) -> int | None:
+        """How closely the account's patterns fit ``repository`` (the literal length of the best one that
+        matches; 0 for an account without patterns); None when none matches."""
+        if not self.patterns:
+            return 0
+        fits = [
+            len(p.replace("*", "")) for p, m in zip(self.patterns, self._matchers, strict=True) if m.match(repository)
+        ]
+        return max(fits) + 1 if fits else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +99,17 @@ class GatewayTokens:
     credentials: Credentials | None = None
     # The one upstream (origin) the credentials belong to; they never go anywhere else.
     credentials_origin: Origin | None = None
+    # [[route.credentials]]: several accounts, chosen per repository (``credentials`` is then None).
+    accounts: tuple[Account, ...] = ()
     uses_client_logins: ClassVar[bool] = False
+
+    def candidates(self, repository: str) -> list[Credentials]:
+        """The credentials that may be used for ``repository``: the most specific accounts (a pool), or the one."""
+        if not self.accounts:
+            return [self.credentials] if self.credentials is not None else []
+        fits = [(a.specificity(repository), a) for a in self.accounts]
+        best = max((s for s, _ in fits if s is not None), default=None)
+        return [a.credentials for s, a in fits if s is not None and s == best]
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.errors import ConfigError
 from gateway.policy import Origin
 from gateway.routes import (
+    Account,
     ClientTokens,
     Credentials,
     GatewayTokens,
@@ -55,8 +56,22 @@ class _RouteModel(BaseModel):
     verify_blobs: bool = True
     auth: Literal["gateway", "passthrough"] = "gateway"
     allow_private_addresses: bool = False
+    credentials: list[_AccountModel] = []
     allow: list[str] = []
     deny: list[str] = []
+
+
+class _AccountModel(BaseModel):
+    """One ``[[route.credentials]]`` entry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    repositories: list[str] = []
+    username: str | None = None
+    username_env: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
 
 
 class _FileModel(BaseModel):
@@ -120,7 +135,7 @@ def _read_secret_file(path: str) -> str:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
 
 
-def _credentials(model: _RouteModel, environ: Mapping[str, str]) -> Credentials | None:
+def _credentials(model: _RouteModel | _AccountModel, environ: Mapping[str, str]) -> Credentials | None:
     if model.username is not None and model.username_env is not None:
         raise ValueError("username: set username or username_env, not both")
     if model.password_env is not None and model.password_file is not None:
@@ -144,7 +159,9 @@ def _credentials(model: _RouteModel, environ: Mapping[str, str]) -> Credentials 
         return None
     if username is None or password is None:
         raise ValueError("credentials need both a username and a password")
-    return Credentials(username=username, password=password)
+    return Credentials(
+        username=username, password=password, name=model.name if isinstance(model, _AccountModel) else None
+    )
 
 
 def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
@@ -192,14 +209,38 @@ def _credentials_origin(
     return upstreams[0].origin
 
 
+def _accounts(model: _RouteModel, environ: Mapping[str, str]) -> tuple[Account, ...]:
+    accounts: list[Account] = []
+    names: set[str] = set()
+    for index, entry in enumerate(model.credentials, start=1):
+        where = f"credentials #{index} ({entry.name})"
+        if entry.name in names:
+            raise ValueError(f"{where}: the name is used twice")
+        names.add(entry.name)
+        try:
+            credentials = _credentials(entry, environ)
+            RepositoryPolicy.build(entry.repositories, ())  # the same pattern syntax as allow/deny
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if credentials is None:
+            raise ValueError(f"{where}: credentials need both a username and a password")
+        accounts.append(Account.build(credentials, entry.repositories))
+    return tuple(accounts)
+
+
 def _upstream_auth(model: _RouteModel, upstreams: tuple[Upstream, ...], environ: Mapping[str, str]) -> UpstreamAuth:
     credentials = _credentials(model, environ)
-    credentials_origin = _credentials_origin(model, upstreams, credentials)
+    accounts = _accounts(model, environ)
+    if credentials is not None and accounts:
+        raise ValueError("credentials: use [[route.credentials]] or the route's username/password keys, not both")
+    credentials_origin = _credentials_origin(
+        model, upstreams, credentials or (accounts[0].credentials if accounts else None)
+    )
     if model.auth == "passthrough":
-        if credentials is not None:
+        if credentials is not None or accounts:
             raise ValueError("auth: a passthrough route forwards its clients' logins and takes no credentials")
         return ClientTokens()
-    return GatewayTokens(credentials, credentials_origin)
+    return GatewayTokens(credentials, credentials_origin, accounts)
 
 
 def _build_route(model: _RouteModel, environ: Mapping[str, str]) -> Route:

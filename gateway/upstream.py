@@ -59,6 +59,8 @@ class Opened:
     url: str
     upstream: Upstream
     redirects: int = 0
+    # Whose account the final request spent (``user:<name>``, ``account:<name>``), if the gateway's.
+    credential: str | None = None
 
 
 def repository_in_path(path: str) -> str | None:
@@ -180,6 +182,11 @@ class UpstreamClient:
                 if not last:
                     await opened.response.aclose()
                     continue
+            elif opened.response.status_code == 429 and not last:
+                # Rate limited, with every account of the route tried (_send_authorized): the next
+                # upstream (a mirror of Docker Hub, say) before the client hears of it. Not a failure.
+                await opened.response.aclose()
+                continue
             else:
                 self.breaker.success(upstream.url)
             return opened
@@ -231,10 +238,11 @@ class UpstreamClient:
     ) -> Opened:
         url = upstream.url + path + (f"?{query}" if query else "")
         for hop in range(self.max_redirects + 1):
-            resp = await self._send_authorized(method, url, headers, repository, login)
+            resp, sent = await self._send_authorized(method, url, headers, repository, login)
             location = resp.headers.get("location")
             if not (follow_redirects and resp.status_code in REDIRECT_STATUSES and location):
-                return Opened(response=resp, url=url, upstream=upstream, redirects=hop)
+                credential = self.authorizer.identity_of(sent)
+                return Opened(response=resp, url=url, upstream=upstream, redirects=hop, credential=credential)
             await resp.aclose()
             try:
                 url = urljoin(url, location)
@@ -255,19 +263,27 @@ class UpstreamClient:
 
     async def _send_authorized(
         self, method: str, url: str, headers: Mapping[str, str], repository: str, login: Login
-    ) -> httpx.Response:
-        """One hop: what the authorizer says this origin wants up front, then one answer to a 401."""
+    ) -> tuple[httpx.Response, str | None]:
+        """One hop: what the authorizer says this origin wants up front, one answer to a 401, and on a
+        429 the next account of the route's pool while one has budget. Returns the Authorization sent."""
         with self._failures(url):
             hop = self._hop(url, repository)
-        authorization = await self.authorizer.up_front(login, hop)
-        resp = await self._send(method, url, headers, authorization)
-        if resp.status_code != 401:
-            return resp
-        answer = await self.authorizer.answer(login, hop, resp.headers.get_list("www-authenticate"), authorization)
-        if answer is None:
-            return resp
-        await resp.aclose()
-        return await self._send(method, url, headers, answer)
+        sent = await self.authorizer.up_front(login, hop)
+        resp = await self._send(method, url, headers, sent)
+        if resp.status_code == 401:
+            answer = await self.authorizer.answer(login, hop, resp.headers.get_list("www-authenticate"), sent)
+            if answer is not None:
+                await resp.aclose()
+                sent = answer
+                resp = await self._send(method, url, headers, sent)
+        while resp.status_code == 429:
+            following = await self.authorizer.rate_limited(login, hop, sent, resp.headers.get("retry-after"))
+            if following is None or following == sent:
+                break
+            await resp.aclose()
+            sent = following
+            resp = await self._send(method, url, headers, sent)
+        return resp, sent
 
     async def _send(
         self, method: str, url: str, headers: Mapping[str, str], authorization: str | None = None

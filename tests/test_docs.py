@@ -28,8 +28,9 @@ def test_toml_examples_parse(where, block, tmp_path):
     if "route" in doc:  # a routes.toml example: it must validate too
         secret = tmp_path / "secret"
         secret.write_text("x\n")
-        block = block.replace("/run/secrets/ghcr-token", str(secret))
-        env = {"DOCKERHUB_USERNAME": "me", "DOCKERHUB_TOKEN": "t"}
+        block = re.sub(r"/run/secrets/[\w.-]+", str(secret), block)
+        # Every variable an example names (username_env, password_env) is set, as a deployment would.
+        env = {name: "x" for name in re.findall(r'_env = "(\w+)"', block)}
         parse_routes(tomllib.loads(block), where, env)
 
 
