@@ -121,6 +121,7 @@ async def send(
     url: str | httpx.URL,
     headers: dict[str, str],
     timeouts: Timeouts,
+    content: bytes | None = None,
 ) -> httpx.Response:
     """Send one request and return its response with the body still streaming; the caller closes it.
 
@@ -128,11 +129,13 @@ async def send(
     they carry the client's: no ``Accept`` is added when the client sent none, so it gets
     the upstream's default answer, exactly as it would without the gateway. httpx's and the
     transport's exceptions pass through: the caller maps them (``upstream_errors.py``).
+    ``content``: a request body held whole (the OAuth2 token form), sent with its Content-Length.
     """
     request = httpx.Request(
         method,
         url,
         headers={"user-agent": USER_AGENT, **headers},
+        content=content,
         extensions={"timeout": timeouts.per_request()},
     )
     response = await transport.handle_async_request(request)

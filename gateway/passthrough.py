@@ -17,14 +17,28 @@ or the tokens they buy; it only translates names:
    actions reduced to ``pull``: the gateway is read-only). The answer is returned as
    is and never cached, so a token bought with one client's credentials is never
    served to another.
-3. The client's ``Authorization: Bearer`` is forwarded to the upstream's origin (only;
+3. ``POST /auth/token``, the OAuth2 form (distribution's docs/spec/auth/oauth.md, "Docker
+   Registry v2 authentication using OAuth2"; RFC 6749 4.3 and 6), is relayed the same way:
+   containerd sends it when it has credentials. Its ``scope`` (space-delimited, RFC 6749
+   3.3) is rewritten as above, its ``service`` replaced by the upstream's, the parameters
+   oauth.md names (``grant_type`` ``password`` with ``username`` and ``password``, or
+   ``refresh_token`` with ``refresh_token``; ``client_id``, ``access_type``) are forwarded
+   as sent, and the form is POSTed to the upstream's realm. The answer, ``refresh_token``
+   included, is returned as is and never cached (RFC 6749 5.1: ``no-store``). An upstream
+   that declines the POST itself (400, 404, 405) is answered with its status, so the
+   client falls back to ``GET`` as it would against the upstream (containerd does).
+4. The client's ``Authorization: Bearer`` is forwarded to the upstream's origin (only;
    never to a CDN) on every request; an upstream 401 becomes the gateway's challenge.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Mapping
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
 
 from gateway.asgi import JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body, send_error
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
@@ -33,6 +47,18 @@ from gateway.reference import TOKEN_PATH
 from gateway.routes import Route, RouteTable
 from gateway.tokens import Params, token_request
 from gateway.upstream import UpstreamClient
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"  # RFC 6749 4.3.2, 6
+MAX_FORM_BODY = 64 << 10  # a token form is a few hundred bytes; a cloud password a few KiB
+MAX_FORM_FIELDS = 64
+# RFC 6749 4.3.2 (password) and 6 (refresh_token); oauth.md: "authorization_code" is reserved.
+GRANT_TYPES = ("password", "refresh_token")
+# oauth.md's parameters besides scope and service, forwarded as sent; any other is dropped.
+# The secrets are forwarded whole (the body cap bounds them); the others are capped like the GET form's.
+OAUTH_SECRETS = ("grant_type", "username", "password", "refresh_token")
+OAUTH_OTHERS = ("client_id", "access_type")
+# RFC 6749 5.2: the grant or the client was refused, i.e. the credentials were.
+REFUSED_GRANTS = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
 def realm_for(scope: Scope) -> str:
@@ -61,49 +87,124 @@ def rewrite_scope(table: RouteTable, route: Route, scope: str) -> str | None:
 
 
 class TokenRelay:
-    """The gateway's token endpoint for passthrough routes."""
+    """The gateway's token endpoint for passthrough routes: the GET form and the OAuth2 POST form."""
 
     def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient]) -> None:
         self.table = table
         self.clients = clients
+        # The form names its route (``service``), so it is read within the longest token deadline.
+        self._form_deadline = max((c.timeouts.token for c in clients.values()), default=30.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
         record.kind = "token"
         try:
-            await self._handle(scope, send)
+            await self._handle(scope, receive, send)
         except RegistryError as exc:
             record.error = exc.code
             await send_error(send, exc, head=scope["method"] == "HEAD")
 
-    async def _handle(self, scope: Scope, send: Send) -> None:
-        if scope["method"] != "GET":
-            raise RegistryError(405, UNSUPPORTED, "the token endpoint answers GET", headers={"Allow": "GET"})
-        params = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        if method == "POST":
+            params = await self._read_form(scope, receive)
+        elif method == "GET":
+            params = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        else:
+            raise RegistryError(
+                405, UNSUPPORTED, "the token endpoint answers GET and POST", headers={"Allow": "GET, POST"}
+            )
         route = self._route_for(scope, params)
         record_of(scope).route = route.name
         client = self.clients[route.name]
         challenge = await client.upstream_challenge()
-        forward = self._upstream_params(route, challenge.service, params)
         headers = {"accept": "application/json", "accept-encoding": "identity"}
         authorization = header_value(scope, b"authorization")
         if authorization is not None:
+            # RFC 6749 2.3.1: a POST may carry client credentials here too; relayed like the GET form's.
             if not authorization.isascii():
                 raise RegistryError(401, UNAUTHORIZED, "malformed Authorization header")
             headers["authorization"] = authorization
         assert challenge.realm is not None
-        resp, body = await token_request(client.transport, challenge.realm, forward, headers, timeouts=client.timeouts)
+        if method == "POST":
+            form = self._upstream_form(route, challenge.service, params)
+            headers["content-type"] = FORM_CONTENT_TYPE
+            resp, body = await token_request(
+                client.transport,
+                challenge.realm,
+                [],
+                headers,
+                timeouts=client.timeouts,
+                method="POST",
+                content=urlencode(form).encode("ascii"),
+            )
+        else:
+            forward = self._upstream_params(route, challenge.service, params)
+            resp, body = await token_request(
+                client.transport, challenge.realm, forward, headers, timeouts=client.timeouts
+            )
         if resp.status_code == 200:
-            await send_body(send, 200, [JSON_CONTENT_TYPE, (b"cache-control", b"no-store")], body)
+            # RFC 6749 5.1: the answer (a refresh_token too) is not to be stored by anyone on the way.
+            no_store = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+            await send_body(send, 200, [JSON_CONTENT_TYPE, *no_store], body)
             return
-        if resp.status_code == 429:
+        raise self._refusal(route, resp, body, oauth=method == "POST")
+
+    @staticmethod
+    def _refusal(route: Route, resp: httpx.Response, body: bytes, *, oauth: bool) -> RegistryError:
+        """The registry error for an upstream token endpoint's answer other than 200."""
+        status = resp.status_code
+        if status == 429:
             retry = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
-            raise RegistryError(
+            return RegistryError(
                 429, TOOMANYREQUESTS, f"the token endpoint of {route.name} is rate limiting", headers=retry
             )
-        if resp.status_code in (401, 403):
-            raise RegistryError(401, UNAUTHORIZED, f"{route.name} refused these credentials")
-        raise RegistryError(502, UNAVAILABLE, f"the token endpoint of {route.name} answered {resp.status_code}")
+        if status in (401, 403) or (oauth and status == 400 and _oauth_error(body) in REFUSED_GRANTS):
+            return RegistryError(401, UNAUTHORIZED, f"{route.name} refused these credentials")
+        if oauth and status in (400, 404, 405):
+            # The upstream declines the OAuth2 form itself (GCR answers 404, ACR 400): its status
+            # is kept, so that the client falls back to the GET form as it would without the gateway.
+            return RegistryError(
+                status,
+                UNSUPPORTED,
+                f"the token endpoint of {route.name} declined the OAuth2 token request ({status})",
+                headers={"Allow": "GET"} if status == 405 else None,
+            )
+        return RegistryError(502, UNAVAILABLE, f"the token endpoint of {route.name} answered {status}")
+
+    async def _read_form(self, scope: Scope, receive: Receive) -> list[tuple[str, str]]:
+        """The OAuth2 form of a POST (RFC 6749 4.3.2, 6): capped, within the token deadline."""
+        content_type = (header_value(scope, b"content-type") or "").partition(";")[0].strip().lower()
+        if content_type != FORM_CONTENT_TYPE:
+            raise RegistryError(415, UNSUPPORTED, f"the token endpoint takes a POST of {FORM_CONTENT_TYPE}")
+        declared = header_value(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_FORM_BODY:
+            raise RegistryError(413, UNSUPPORTED, f"the token request is larger than {MAX_FORM_BODY} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._form_deadline):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise RegistryError(400, UNSUPPORTED, "the client went away while sending its token request")
+                    part: bytes = message.get("body", b"")
+                    size += len(part)
+                    if size > MAX_FORM_BODY:
+                        raise RegistryError(413, UNSUPPORTED, f"the token request is larger than {MAX_FORM_BODY} bytes")
+                    chunks.append(part)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise RegistryError(
+                408, UNSUPPORTED, f"the token request did not arrive within {self._form_deadline:g} s"
+            ) from None
+        try:
+            # A form is ASCII, its escapes UTF-8 (WHATWG URL "application/x-www-form-urlencoded").
+            text = b"".join(chunks).decode("ascii")
+            return parse_qsl(text, keep_blank_values=True, errors="strict", max_num_fields=MAX_FORM_FIELDS)
+        except ValueError:  # UnicodeDecodeError too; the message could quote a secret: never shown
+            raise RegistryError(400, UNSUPPORTED, "the token request is not a valid form") from None
 
     def _route_for(self, scope: Scope, params: list[tuple[str, str]]) -> Route:
         # service is what the gateway's own challenge named: the route, whatever the Host.
@@ -126,3 +227,44 @@ class TokenRelay:
             elif key in ("account", "offline_token", "client_id"):
                 forward.append((key, value[:256]))
         return forward
+
+    def _upstream_form(self, route: Route, service: str | None, params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The OAuth2 form for the upstream's realm (oauth.md "Getting a token"; RFC 6749 4.3.2, 6).
+
+        ``scope``: every requested scope rewritten, one space-delimited value (RFC 6749 3.3);
+        ``service``: the upstream's. Raises 400 when ``grant_type`` is missing or not one of
+        oauth.md's, or a parameter is repeated (RFC 6749 3.2: "parameters MUST NOT be included
+        more than once").
+        """
+        seen: set[str] = set()
+        form: list[tuple[str, str]] = []
+        scopes: list[str] = []
+        for key, value in params:
+            if key == "scope":
+                scopes.extend(r for one in value.split(" ") if (r := rewrite_scope(self.table, route, one)))
+                continue
+            if key in OAUTH_SECRETS or key in OAUTH_OTHERS:
+                if key in seen:
+                    raise RegistryError(400, UNSUPPORTED, f"the token request repeats {key}")
+                seen.add(key)
+                form.append((key, value if key in OAUTH_SECRETS else value[:256]))
+        grant_type = next((v for k, v in form if k == "grant_type"), None)
+        if grant_type not in GRANT_TYPES:
+            raise RegistryError(
+                400, UNSUPPORTED, "the token request needs grant_type password or refresh_token (RFC 6749 4.3.2, 6)"
+            )
+        if service:
+            form.append(("service", service))
+        if scopes:
+            form.append(("scope", " ".join(dict.fromkeys(scopes))))
+        return form
+
+
+def _oauth_error(body: bytes) -> str | None:
+    """The ``error`` code of an OAuth2 error answer (RFC 6749 5.2), if ``body`` is one."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return error if isinstance(error, str) else None

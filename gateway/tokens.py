@@ -185,8 +185,11 @@ async def token_request(
     headers: dict[str, str],
     *,
     timeouts: Timeouts,
+    method: str = "GET",
+    content: bytes | None = None,
 ) -> tuple[httpx.Response, bytes]:
-    """GET a token realm; its answer and whole body, all within ``timeouts.token`` seconds.
+    """GET a token realm (or POST ``content`` to it: the OAuth2 form, ``passthrough.py``); its answer and
+    whole body, all within ``timeouts.token`` seconds.
 
     The deadline covers the body too: a realm that trickles its answer byte by byte (each
     read inside the per-read timeout) still cannot hold a request forever. The body is
@@ -197,7 +200,7 @@ async def token_request(
     with upstream_errors(TOKEN, f"the upstream token endpoint {realm}", f"{timeouts.token:g}"):
         async with asyncio.timeout(timeouts.token):
             url = httpx.URL(realm).copy_merge_params(params)
-            resp = await send(transport, "GET", url, headers, timeouts)
+            resp = await send(transport, method, url, headers, timeouts, content=content)
             try:
                 body = await read_capped(resp, MAX_TOKEN_BODY)
             finally:

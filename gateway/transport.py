@@ -14,9 +14,10 @@ redirects and policy code are unchanged, and does the minimum per byte:
 - chunked bodies and bodies delimited by the end of the connection are decoded too;
   they are rare for blobs and take a slower, still bounded, path.
 
-It speaks only what the gateway sends: GET and HEAD without a body, HTTP/1.1, with a
-keep-alive pool per origin. TLS uses the same certificate verification as httpx
-(``SSL_CERT_FILE`` honoured). Egress proxies from the environment keep using httpx's
+It speaks only what the gateway sends: GET and HEAD without a body, and POST with a body
+it holds whole (the OAuth2 token form, ``passthrough.py``) and its Content-Length (RFC 9112
+6.2), HTTP/1.1, with a keep-alive pool per origin. TLS uses the same certificate verification
+as httpx (``SSL_CERT_FILE`` honoured). Egress proxies from the environment keep using httpx's
 own transport (httpx mounts them before this one is consulted).
 
 Connections are made to an address the route's ``AddressGuard`` returned
@@ -371,7 +372,7 @@ class _Body(httpx.AsyncByteStream):
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
-    """httpx transport: HTTP/1.1 GET/HEAD with a keep-alive pool and an address guard."""
+    """httpx transport: HTTP/1.1 GET/HEAD (and POST with a body held whole), a keep-alive pool, an address guard."""
 
     def __init__(
         self,
@@ -388,15 +389,24 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._pool.close_all()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method not in ("GET", "HEAD"):
-            raise httpx.UnsupportedProtocol(f"{request.method} is not sent by this transport", request=request)
+        method = request.method
+        content = b""
+        if method == "POST":
+            # Only a body held whole (httpx's ByteStream, ``content=bytes``); never a stream.
+            if not isinstance(request.stream, httpx.ByteStream):
+                raise httpx.UnsupportedProtocol(
+                    "a streamed request body is not sent by this transport", request=request
+                )
+            content = request.read()
+        elif method not in ("GET", "HEAD"):
+            raise httpx.UnsupportedProtocol(f"{method} is not sent by this transport", request=request)
         timeouts = request.extensions.get("timeout", {})
         url = request.url
         scheme = url.scheme
         host = url.host
         port = url.port or (443 if scheme == "https" else 80)
         origin = (scheme, host, port)
-        head_bytes = self._request_head(request)
+        head_bytes = self._request_head(request, content if method == "POST" else None)
         pool = self._pool
         try:
             async with asyncio.timeout(timeouts.get("pool")):
@@ -406,10 +416,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
         conn: _Connection | None = None
         try:
             for attempt in range(2):
-                reused = pool.take_idle(origin)
+                # RFC 9112 9.3.1: a POST is not retried on a new connection if a kept-alive one turns out
+                # closed (it may have been applied), so it never takes one: it opens its own.
+                reused = pool.take_idle(origin) if method != "POST" else None
                 conn = reused or await self._connect(request, scheme, host, port, timeouts.get("connect"))
                 assert conn.transport is not None
-                conn.transport.write(head_bytes)
+                if content:
+                    conn.transport.writelines((head_bytes, content))  # the body right after the head
+                else:
+                    conn.transport.write(head_bytes)
                 try:
                     head, rest = await self._read_head(conn, timeouts.get("read"))
                 except _StaleConnection:
@@ -454,13 +469,16 @@ class LeanTransport(httpx.AsyncBaseTransport):
         )
 
     @staticmethod
-    def _request_head(request: httpx.Request) -> bytes:
+    def _request_head(request: httpx.Request, body: bytes | None = None) -> bytes:
+        """The request line and headers; with ``body`` (a POST), its Content-Length, always (RFC 9110 8.6)."""
         target = request.url.raw_path
         lines = [request.method.encode() + b" " + target + b" HTTP/1.1"]
         for name, value in request.headers.raw:
             if name.lower() in (b"content-length", b"transfer-encoding"):
                 continue
             lines.append(name + b": " + value)
+        if body is not None:
+            lines.append(b"Content-Length: " + str(len(body)).encode())
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
     async def _connect(

@@ -11,6 +11,7 @@ import binascii
 import datetime as dt
 import hashlib
 import json
+import secrets
 import threading
 import time
 import urllib.parse
@@ -41,6 +42,14 @@ PRIVATE_PREFIX = "private/"
 #: a valid account without access to private repositories
 OTHER_USER = "other-user"
 OTHER_PASSWORD = "other-pass"
+#: two robot accounts, each allowed to pull its own namespace only, which no one else (but admin) may pull
+TEAM_A_USER = "team-a-robot"
+TEAM_A_PASSWORD = "team-a-pass"
+TEAM_B_USER = "team-b-robot"
+TEAM_B_PASSWORD = "team-b-pass"
+NAMESPACES = {TEAM_A_USER: "team-a/", TEAM_B_USER: "team-b/"}
+#: the OAuth2 error (RFC 6749 5.2) of an unknown refresh token
+UNKNOWN_REFRESH_TOKEN = "unknown refresh token"
 
 
 def libtrust_key_id(public_key: rsa.RSAPublicKey) -> str:
@@ -87,6 +96,8 @@ class TokenRequest:
     #: what the issued token grants, as ``type:name:actions`` strings (actions may be empty)
     granted: tuple[str, ...]
     time: float = field(default_factory=time.time)
+    #: the OAuth2 ``grant_type`` of a POST ("password", "refresh_token"), None for GET
+    grant_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +127,18 @@ class TokenServer:
         self.users: dict[str, str] = dict(
             users
             if users is not None
-            else {ADMIN_USER: ADMIN_PASSWORD, PRIVATE_USER: PRIVATE_PASSWORD, OTHER_USER: OTHER_PASSWORD}
+            else {
+                ADMIN_USER: ADMIN_PASSWORD,
+                PRIVATE_USER: PRIVATE_PASSWORD,
+                OTHER_USER: OTHER_PASSWORD,
+                TEAM_A_USER: TEAM_A_PASSWORD,
+                TEAM_B_USER: TEAM_B_PASSWORD,
+            }
         )
+        #: user -> the one repository prefix it may pull, and only it may (may be changed while running)
+        self.namespaces: dict[str, str] = dict(NAMESPACES)
+        #: refresh tokens issued (POST with ``access_type=offline``) -> their user
+        self.refresh_tokens: dict[str, str] = {}
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.key_id = libtrust_key_id(self._key.public_key())
         self.certificate = self._self_signed_certificate()
@@ -218,6 +239,9 @@ class TokenServer:
             return tuple(a for a in requested if a in ("pull", "push", "delete", "*"))
         if scope.type != "repository" and not scope.type.startswith("repository("):
             return ()
+        owner = next((u for u, prefix in self.namespaces.items() if scope.name.startswith(prefix)), None)
+        if owner is not None or user in self.namespaces:
+            return tuple(a for a in requested if a == "pull") if owner == user else ()
         if scope.name.startswith(PRIVATE_PREFIX) and user != PRIVATE_USER:
             return ()
         return tuple(a for a in requested if a == "pull")
@@ -297,8 +321,15 @@ class TokenServer:
         """(authenticated user, presented user name, error) for a token request."""
         creds = self._basic_credentials(request)
         if request.method == "POST":
-            # OAuth2 password grant (containerd tries this first when it has credentials)
+            # OAuth2 password grant (containerd tries this first when it has credentials), or a refresh
+            # token this server issued (RFC 6749 6; distribution's oauth.md)
             grant_type = first("grant_type") or ""
+            if grant_type == "refresh_token":
+                with self._lock:
+                    owner = self.refresh_tokens.get(first("refresh_token") or "")
+                if owner is None or owner not in self.users:
+                    return None, None, (400, UNKNOWN_REFRESH_TOKEN)
+                return owner, owner, None
             if grant_type != "password":
                 return None, None, (400, f"unsupported grant_type {grant_type!r}")
             creds = (first("username") or "", first("password") or "")
@@ -356,16 +387,19 @@ class TokenServer:
                 basic_user=basic_user,
                 status=status,
                 granted=tuple(str(s) for s in granted),
+                grant_type=first("grant_type") if request.method == "POST" else None,
             )
         )
         if error is not None:
             headers = {"WWW-Authenticate": 'Basic realm="testbed"'} if status == 401 else {}
             code = "UNAUTHORIZED" if status == 401 else "INVALID_REQUEST"
-            return JSONResponse(
-                {"errors": [{"code": code, "message": error[1], "detail": None}], "details": error[1]},
-                status_code=status,
-                headers=headers,
-            )
+            doc: dict[str, object] = {
+                "errors": [{"code": code, "message": error[1], "detail": None}],
+                "details": error[1],
+            }
+            if error[1] == UNKNOWN_REFRESH_TOKEN:
+                doc["error"] = "invalid_grant"  # RFC 6749 5.2
+            return JSONResponse(doc, status_code=status, headers=headers)
         assert service is not None
         token, expires_in = self.mint(service, user or "", granted)
         issued_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -375,6 +409,12 @@ class TokenServer:
             "expires_in": expires_in,
             "issued_at": issued_at,
         }
+        if request.method == "POST" and first("access_type") == "offline" and user is not None:
+            # oauth.md: a refresh token "will only be set when access_type=offline is provided"
+            refresh_token = secrets.token_urlsafe(24)
+            with self._lock:
+                self.refresh_tokens[refresh_token] = user
+            body_out["refresh_token"] = refresh_token
         return Response(json.dumps(body_out), media_type="application/json")
 
     def _record(self, record: TokenRequest) -> None:

@@ -236,10 +236,69 @@ async def test_the_address_guard():
             await c.get("http://localhost:8/")
 
 
-async def test_only_get_and_head():
+async def test_only_get_head_and_a_post_with_its_body_held_whole():
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x"
+
     async with client() as c:
         with pytest.raises(httpx.UnsupportedProtocol):
-            await c.post("http://127.0.0.1:1/", content=b"x")
+            await c.put("http://127.0.0.1:1/", content=b"x")
+        with pytest.raises(httpx.UnsupportedProtocol, match="streamed request body"):
+            await c.post("http://127.0.0.1:1/", content=chunks())
+
+
+def body_reading(server: Server, bodies: list[bytes]) -> Handler:
+    """Answers each request on the connection, after reading its body (by its Content-Length)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await server.read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            lengths = [line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+            size = int(lengths[0].partition(b":")[2]) if lengths else 0
+            bodies.append(await reader.readexactly(size))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
+
+
+async def test_post_sends_its_body_after_the_head_with_its_length_on_a_new_connection():
+    server = Server()
+    bodies: list[bytes] = []
+    server.handlers = [body_reading(server, bodies)]
+    form = b"grant_type=password&username=bob&password=pw"
+    async with server as url, client() as c:
+        assert (await c.get(url + "/v2/")).content == b"ok"
+        resp = await c.post(url + "/token", content=form, headers={"content-type": "application/x-www-form-urlencoded"})
+        assert resp.content == b"ok"
+        assert (await c.post(url + "/token", content=b"")).content == b"ok"
+        assert (await c.get(url + "/v2/")).content == b"ok"
+    assert bodies == [b"", form, b"", b""]
+    post = server.requests[1]
+    assert post.startswith(b"POST /token HTTP/1.1\r\n")
+    assert post.lower().count(b"content-length:") == 1
+    assert b"Content-Length: " + str(len(form)).encode() + b"\r\n" in post
+    assert b"Content-Length: 0\r\n" in server.requests[2]  # RFC 9110 8.6: a POST states even an empty length
+    assert b"content-length" not in server.requests[0].lower()  # a GET is sent as before
+    # Each POST opened its own connection (never a kept-alive one, which it could not retry on);
+    # the connections were kept alive after it, and the last GET reused one.
+    assert server.connections == 3
+
+
+async def test_a_post_whose_connection_closes_unanswered_is_not_retried():
+    server = Server()
+
+    async def close_unanswered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+
+    server.handlers = [close_unanswered]
+    async with server as url, client() as c:
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await c.post(url, content=b"grant_type=refresh_token&refresh_token=r")
+    assert server.connections == 1  # RFC 9112 9.3.1: it may have been applied; the caller decides
 
 
 async def test_pool_limit_waits_then_times_out():
