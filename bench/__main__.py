@@ -57,6 +57,14 @@ def parser() -> argparse.ArgumentParser:
         "path clean (default 100; --quick: 16; 0 skips it)",
     )
     p.add_argument(
+        "--rollout-clients",
+        type=int,
+        default=100,
+        help="the rollout scenario: N containerd-style clients pull one tag at once through a gateway in front of "
+        "a hub front that counts pulls like Docker Hub; counted manifest GETs at the hub and the wall time "
+        "(default 100, --quick too: it takes seconds; 0 skips it)",
+    )
+    p.add_argument(
         "--load-generator",
         choices=["auto", "wrk", "hey"],
         default="auto",
@@ -117,6 +125,7 @@ def options_from(args: argparse.Namespace) -> Options:
         load_generator=args.load_generator,
         quick=quick,
         resume_every_mib=max(0, pick(args.resume_every_mib, 100, 16)),
+        rollout_clients=max(0, args.rollout_clients),
     )
 
 
@@ -153,6 +162,14 @@ def print_summary(result: dict[str, Any], keys: list[str] | None = None, *, mark
         if added["p50_ms_vs_nginx"] is not None:
             line += f"; p50 {added['p50_ms_vs_nginx']:+.2f} ms, p99 {added['p99_ms_vs_nginx']:+.2f} ms over nginx"
         print("\n" + line)
+    rollout = details.get("rollout_scenario")
+    if rollout and rollout.get("runs"):
+        first = rollout["runs"][0]
+        print(
+            f"rollout of {rollout['repository']}:{rollout['tag']} to {first['clients']} containerd-style clients, "
+            f"at the hub per run: {', '.join(str(r['counted_gets']) for r in rollout['runs'])} counted GETs, "
+            f"{', '.join(str(r['heads']) for r in rollout['runs'])} HEADs (target: at most 2 GETs per tag)"
+        )
     checks = result.get("checks", {})
     sha = ", ".join(f"{path} {'ok' if check.get('ok') else 'FAILED'}" for path, check in checks.items())
     print(f"sha256 of a whole blob download and manifest digest: {sha or '-'}")

@@ -111,6 +111,10 @@ class Authorizer(abc.ABC):
         """The Authorization to try after a 429 to ``sent`` (another account of a pool); None: the 429 stands."""
         return None
 
+    @abc.abstractmethod
+    def note_rate_limited(self, login: Login, hop: Hop, sent: str | None, retry_after: str | None) -> None:
+        """Count a 429 for whoever spent the budget, also one the pool or failover absorbs before the client."""
+
     def remembered(self, origin: Origin) -> Challenge | None:
         return self._challenges.get(origin)
 
@@ -173,6 +177,12 @@ class GatewayTokenAuthorizer(Authorizer):
         known = self.budgets.get(self.route.name, credentials.identity) if self.budgets is not None else None
         # An account never heard of yet has its whole budget: try it.
         return float("inf") if known is None or known.remaining is None else float(known.remaining)
+
+    def note_rate_limited(self, login: Login, hop: Hop, sent: str | None, retry_after: str | None) -> None:
+        identity = self.identity_of(sent) or self.identity_for(login, hop.origin)
+        if self.budgets is not None:
+            self.budgets.rate_limited(self.route.name, identity, retry_after)
+        metrics.upstream_rate_limited(self.route.name, identity)
 
     async def rate_limited(self, login: Login, hop: Hop, sent: str | None, retry_after: str | None) -> str | None:
         identity = self.identity_of(sent)

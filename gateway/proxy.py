@@ -238,17 +238,17 @@ class Relay:
         await self._send_entry(ex, entry, [STALE_WARNING])
 
     def _see_budget(self, ex: Exchange, opened: Opened) -> None:
-        """The one place the upstream's pull budget is read: answers with Docker Hub's headers, and 429s."""
+        """The one place the upstream's pull budget is read from an answer's headers (Docker Hub's).
+
+        429s are counted where they happen, also those the pool or failover absorbs
+        (``Authorizer.note_rate_limited``, called by the upstream client)."""
         resp = opened.response
         headers = resp.headers
         limit = headers.get(budget.LIMIT_HEADER)
-        if limit is None and resp.status_code != 429:
+        if limit is None:
             return
         route = ex.route_name
         credential = opened.credential or self.clients[route].authorizer.identity_for(ex.login, origin_of(opened.url))
-        if resp.status_code == 429:
-            self.budgets.rate_limited(route, credential, headers.get("retry-after"))
-            metrics.upstream_rate_limited(route, credential)
         seen = self.budgets.observe(
             route,
             credential,

@@ -277,6 +277,7 @@ class UpstreamClient:
                 sent = answer
                 resp = await self._send(method, url, headers, sent)
         while resp.status_code == 429:
+            self.authorizer.note_rate_limited(login, hop, sent, resp.headers.get("retry-after"))
             following = await self.authorizer.rate_limited(login, hop, sent, resp.headers.get("retry-after"))
             if following is None or following == sent:
                 break

@@ -10,8 +10,10 @@ limit. Each test starts its own front and gateway, so every count it reads is it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -21,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.clients import Containerd
+from tests.e2e.clients import Containerd, Dockerd, start_dockerd
 from tests.support import Gateway, run_gateway
 from tests.testbed.bed import Testbed
 from tests.testbed.hubfront import HubFront
@@ -244,6 +246,155 @@ def test_later_tag_lifetimes_cost_a_head_and_no_pull(
     assert front.pulls(ANONYMOUS_KEY) == 2  # and spent nothing after the first
 
 
+# ---------------------------------------------------------------------- pool accounts
+POOL = {"hub-a": "E2E_HUB_A", "hub-b": "E2E_HUB_B"}  # account name -> the prefix of its variables
+
+
+def pool_routes(first: HubFront, second: HubFront) -> str:
+    """The docker.io route with two pooled accounts for ``first``; ``second`` is asked after it, anonymously."""
+    accounts = "".join(
+        f"""
+[[route.credentials]]
+name = "{name}"
+username_env = "{prefix}_USER"
+password_env = "{prefix}_PASS"
+"""
+        for name, prefix in POOL.items()
+    )
+    return f"""
+[[route]]
+name = "docker.io"
+upstream = ["{first.url}", "{second.url}"]
+credentials_upstream = "{first.url}"
+allow_private_addresses = true
+hosts = ["docker.*"]
+default = true
+library = true
+{accounts}"""
+
+
+@pytest.fixture
+def pool_gateway(testbed: Testbed, tmp_path: Path) -> Iterator[Callable[[HubFront, HubFront], Gateway]]:
+    # Both accounts may pull every hub repository at the bed's token server (tokens.py: only private/
+    # is anyone's own); the front counts each under its token's subject, the user name.
+    users = {"hub-a": testbed.credentials, "hub-b": testbed.other_credentials}
+    env = {f"{POOL[name]}_USER": c.username for name, c in users.items()}
+    env |= {f"{POOL[name]}_PASS": c.password for name, c in users.items()}
+    # No manifest cache: every client GET is an upstream GET, each one a pull.
+    env["GATEWAY_MANIFEST_CACHE_BYTES"] = "0"
+    with ExitStack() as stack:
+
+        def start(first: HubFront, second: HubFront) -> Gateway:
+            return stack.enter_context(run_gateway(pool_routes(first, second), tmp_path / "gateway-pool", env=env))
+
+        yield start
+
+
+def hub_references(testbed: Testbed, count: int) -> list[tuple[str, str, str]]:
+    """``count`` different (repository, tag, top-level digest) of the bed's hub, every image first."""
+    hub = [image for image in testbed.images.values() if image.upstream == "hub"]
+    firsts = [(image.repo, image.tag, image.digest) for image in hub]
+    rest = [(image.repo, tag, image.digest) for image in hub for tag in image.tags[1:]]
+    references = (firsts + rest)[:count]
+    assert len(set(references)) == count
+    return references
+
+
+def test_two_pooled_accounts_spend_five_each_then_the_next_upstream_serves(
+    testbed: Testbed, fronts: MakeFront, pool_gateway: Callable[[HubFront, HubFront], Gateway]
+) -> None:
+    """Limit 5 per account: pulls 1-10 alternate between the accounts, 11 and 12 come from the second
+    upstream (anonymously, its own budget of 2), and only the 13th, with no source left, is a 429."""
+    hub = fronts(limit=5, retry_after=3600)
+    mirror = fronts(limit=2, retry_after=1200)
+    gw = pool_gateway(hub, mirror)
+    user = {"hub-a": testbed.credentials.username, "hub-b": testbed.other_credentials.username}
+    references = hub_references(testbed, 13)
+    statuses: list[int] = []
+    last: httpx.Response | None = None
+    for pull, (repo, tag, digest) in enumerate(references, start=1):
+        answer = last = httpx.get(f"{gw.url}/v2/{repo}/manifests/{tag}", headers={"accept": CONTAINERD_ACCEPT})
+        statuses.append(answer.status_code)
+        if answer.status_code == 200:
+            assert "sha256:" + hashlib.sha256(answer.content).hexdigest() == digest
+        if pull <= 10:
+            # The pool spends the account with the most budget left: the two take turns.
+            assert hub.pulls(user["hub-a"]) == (pull + 1) // 2
+            assert hub.pulls(user["hub-b"]) == pull // 2
+            for name in ("hub-a", "hub-b") if pull > 1 else ("hub-a",):
+                credential = {"route": "docker.io", "credential": f"account:{name}"}
+                assert metric(gw, "registry_gateway_upstream_budget_remaining", **credential) == hub.remaining(
+                    user[name]
+                )
+        else:
+            assert (hub.pulls(user["hub-a"]), hub.pulls(user["hub-b"])) == (5, 5)  # nothing more spent there
+        if pull == 11:
+            # The hub refused each account once (a 429 is no pull), then the second upstream was asked.
+            refusals = hub.manifest_requests("GET", status=429)
+            assert sorted(r.key for r in refusals) == sorted(user.values())
+            assert {(r.name, r.reference) for r in refusals} == {(repo, tag)}
+            assert [(r.name, r.reference, r.key) for r in mirror.requests if r.counted] == [(repo, tag, ANONYMOUS_KEY)]
+            assert wait_for(lambda: bool(access_lines(gw, references[10][1])))
+            [access] = access_lines(gw, tag)
+            assert (access["status"], access["upstream"]) == (200, mirror.url)
+    # The client never saw a 429 while any source had budget: 5 + 5 at the hub, 2 at the second upstream.
+    assert statuses == [200] * 12 + [429]
+    assert (hub.pulls(user["hub-a"]), hub.pulls(user["hub-b"]), mirror.pulls(ANONYMOUS_KEY)) == (5, 5, 2)
+    assert len(hub.manifest_requests("GET", status=200)) == 10
+    # Both accounts refused at the 11th; while both rest, at most one more refusal per pull (12, 13).
+    assert 2 < len(hub.manifest_requests("GET", status=429)) <= 4
+    assert last is not None
+    assert last.status_code == 429
+    assert last.headers["retry-after"] == "1200"  # the second upstream's: the one that ends the wait
+    assert last.json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+    # Each account by its name, the hub front's own count; never a secret.
+    for name in ("hub-a", "hub-b"):
+        credential = {"route": "docker.io", "credential": f"account:{name}"}
+        assert metric(gw, "registry_gateway_upstream_budget_remaining", **credential) == 0 == hub.remaining(user[name])
+        assert metric(gw, "registry_gateway_upstream_budget_limit", **credential) == 5
+        doc = budget_of(gw, "docker.io", f"account:{name}")
+        assert (doc["remaining"], doc["limit"], doc["window_seconds"]) == (0, 5, 21600)
+        assert (doc["source"], doc["upstream"]) == (user[name], hub.url)
+    # The second upstream's budget is the anonymous one: the accounts go to credentials_upstream only.
+    anonymous = budget_of(gw, "docker.io", "anonymous")
+    assert (anonymous["remaining"], anonymous["limit"], anonymous["upstream"]) == (0, 2, mirror.url)
+    assert anonymous["source"] == ANONYMOUS_KEY
+    assert anonymous["rate_limited"] == 1  # the 13th pull's: the one 429 the client saw
+    assert metric(gw, "registry_gateway_upstream_budget_remaining", route="docker.io", credential="anonymous") == 0
+    # The accounts' secrets appear nowhere.
+    status_text = httpx.get(f"{gw.url}/status/budget").text
+    metrics_text = httpx.get(f"{gw.url}/metrics").text
+    for where in (status_text, metrics_text, gw.log.read_text()):
+        assert testbed.credentials.password not in where
+        assert testbed.other_credentials.password not in where
+
+
+def access_lines(gw: Gateway, tag: str) -> list[dict[str, Any]]:
+    return [a for a in log_events(gw, "access") if a["path"].endswith(f"/manifests/{tag}")]
+
+
+def test_a_429_the_pool_absorbs_is_counted_for_its_account(
+    testbed: Testbed, fronts: MakeFront, pool_gateway: Callable[[HubFront, HubFront], Gateway]
+) -> None:
+    hub = fronts(limit=1, retry_after=3600)
+    mirror = fronts(limit=100)
+    gw = pool_gateway(hub, mirror)
+    references = hub_references(testbed, 3)
+    statuses = [
+        httpx.get(f"{gw.url}/v2/{repo}/manifests/{tag}", headers={"accept": CONTAINERD_ACCEPT}).status_code
+        for repo, tag, _ in references
+    ]
+    assert statuses == [200, 200, 200]  # hub-a, hub-b, then both refused and the mirror served
+    assert len(hub.manifest_requests("GET", status=429)) == 2
+    for name in ("hub-a", "hub-b"):
+        # "count every 429 from upstreams" (issue 12); operations.md: "rate_limited counts the 429s
+        # this credential got", and the RegistryGatewayUpstreamRateLimited alert reads the counter.
+        assert budget_of(gw, "docker.io", f"account:{name}")["rate_limited"] == 1
+        credential = {"route": "docker.io", "credential": f"account:{name}"}
+        assert metric(gw, "registry_gateway_upstream_rate_limited_total", **credential) == 1
+
+
 # ---------------------------------------------------------------------- stale rather than fail
 @pytest.mark.parametrize("failure", ["429", "stopped"])
 def test_ctr_pulls_an_image_pulled_before_from_stale_tag_answers(
@@ -310,3 +461,96 @@ def test_a_stale_answer_says_so(testbed: Testbed, fronts: MakeFront, start_gatew
     for _ in range(5):
         assert httpx.get(url, headers={"accept": CONTAINERD_ACCEPT}).headers["warning"].startswith("110")
     assert len(front.manifest_requests("GET", status=429)) <= refusals + 1
+
+
+@pytest.fixture
+def dockerd_for(tmp_path_factory: pytest.TempPathFactory, hosts_file: Path) -> Iterator[Callable[[Gateway], Dockerd]]:
+    """A dockerd of the test's own whose ``registry-mirrors`` is this test's gateway (the session's
+    ``dockerd`` fixture mirrors the session gateway, not one in front of a hub front)."""
+    missing = [tool for tool in ("dockerd", "docker", "unshare") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (scripts/test installs them)")
+    with ExitStack() as stack:
+
+        def start(gw: Gateway) -> Dockerd:
+            config = {"registry-mirrors": [f"http://gw.test:{gw.port}"], "insecure-registries": ["127.0.0.0/8"]}
+            # A short root: containerd's sockets live under it (a unix socket path has 108 bytes).
+            return stack.enter_context(start_dockerd(tmp_path_factory.mktemp("dockerd"), hosts_file, config))
+
+        yield start
+
+
+@pytest.mark.parametrize("failure", ["429", "stopped"])
+def test_docker_pulls_an_image_pulled_before_from_stale_tag_answers(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    dockerd_for: Callable[[Gateway], Dockerd],
+    failure: str,
+) -> None:
+    """``docker pull`` (dockerd, through ``registry-mirrors``) after ``docker rmi``: the tag's answer is stale.
+
+    With the hub refusing manifests (429) the image is removed whole, so the re-pull fetches every
+    blob again (blobs are no pull and still flow); with the hub stopped nothing upstream answers and
+    the gateway keeps no blobs, so the image keeps its layers under a second name and only its tag is
+    removed: what a node that ran it before has.
+    """
+    front = fronts(limit=1000)
+    gw = start_gateway(front, {"GATEWAY_MANIFEST_CACHE_TAG_TTL": "1"})
+    docker = dockerd_for(gw)
+    alpine = testbed.images["alpine"]
+    ref = f"alpine:{alpine.tag}"
+    kept = f"kept.gw.test/alpine:{alpine.tag}"
+    docker.docker("pull", ref)
+    assert f"alpine@{alpine.digest}" in docker.repo_digests(ref)
+    # dockerd HEADs the tag, then GETs the index and the platform manifest by digest: two pulls.
+    assert front.pulls(ANONYMOUS_KEY) == 2
+    assert [r.reference for r in front.manifest_requests("HEAD")] == [alpine.tag]
+    if failure == "stopped":
+        docker.docker("tag", ref, kept)
+    docker.docker("rmi", ref)
+    with pytest.raises(AssertionError):
+        docker.docker("image", "inspect", ref)  # gone: the next pull must ask
+    time.sleep(1.2)  # the tag's answer is past its lifetime: the next pull asks the hub
+    if failure == "429":
+        front.refuse_all = True
+    else:
+        front.stop()
+    before = len(log_events(gw, "access"))
+
+    docker.docker("pull", ref)
+    assert f"alpine@{alpine.digest}" in docker.repo_digests(ref)
+
+    reason = "rate_limited" if failure == "429" else "unreachable"
+    assert wait_for(lambda: bool(log_events(gw, "manifest_stale")))
+    [event, *_] = log_events(gw, "manifest_stale")
+    assert event["level"] == "warning"
+    assert (event["route"], event["repository"], event["reference"], event["reason"]) == (
+        "docker.io",
+        alpine.repo,
+        alpine.tag,
+        reason,
+    )
+    repull = log_events(gw, "access")[before:]
+    manifests = [
+        (a["method"], a["path"].rsplit("/", 1)[1], a["status"], a.get("cache"))
+        for a in repull
+        if a.get("kind") == "manifest"
+    ]
+    # The tag from the stale answer (HEAD, 200). A removed image's manifests come again by digest,
+    # from the gateway's cache (kept an hour); a kept one's from dockerd's own content store.
+    digests = [("GET", alpine.digest, 200, "hit"), ("GET", alpine.platforms[PLATFORM], 200, "hit")]
+    assert manifests == [("HEAD", alpine.tag, 200, "stale"), *(digests if failure == "429" else [])]
+    assert (metric(gw, "registry_gateway_manifest_stale_total", route="docker.io", reason=reason) or 0) >= 1
+    blobs = [a for a in repull if a.get("kind") == "blob"]
+    if failure == "429":
+        assert event["upstream_status"] == 429
+        # The hub was asked once for the tag and refused it; the re-pull spent no pull.
+        assert [(r.method, r.reference) for r in front.requests if r.status == 429] == [("HEAD", alpine.tag)]
+        assert front.pulls(ANONYMOUS_KEY) == 2
+        # The whole image came again: its config and layers, through the gateway (blobs are no pull).
+        manifest = json.loads(alpine.manifests[alpine.platforms[PLATFORM]][1])
+        wanted = {manifest["config"]["digest"], *alpine.layers[PLATFORM]}
+        assert {a["path"].rsplit("/", 1)[1] for a in blobs if a["status"] == 200} == wanted
+    else:
+        assert not blobs  # the layers were there: only manifests were asked
