@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.e2e.clients import Containerd, Dockerd, start_dockerd
-from tests.support import Gateway, run_gateway
+from tests.support import Gateway, run_gateway, wait_for
 from tests.testbed.bed import Testbed
 from tests.testbed.hubfront import HubFront
 
@@ -107,16 +107,6 @@ def budget_of(gw: Gateway, route: str, credential: str) -> dict[str, Any]:
     assert status.status_code == 200
     [doc] = [b for b in status.json()["budgets"] if (b["route"], b["credential"]) == (route, credential)]
     return dict(doc)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Whether ``predicate`` came true (the gateway logs a request just after its answer)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # ---------------------------------------------------------------------- see the budget

@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.test_integrity import PLATFORM, blob_gets, log_events, metric, wait_for
-from tests.support import Gateway, run_gateway
+from tests.e2e.test_integrity import PLATFORM, blob_gets, log_events, metric
+from tests.support import Gateway, run_gateway, wait_for
 from tests.testbed.bed import Testbed
 from tests.testbed.faults import FaultFront
 from tests.testbed.images import Image

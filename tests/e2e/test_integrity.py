@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import httpx
 import pytest
 
 from tests.e2e.clients import Containerd, Skopeo, verify_dir_copy
-from tests.support import Gateway, run_gateway
+from tests.support import Gateway, run_gateway, wait_for
 from tests.testbed.bed import Testbed
 from tests.testbed.faults import FaultFront
 from tests.testbed.images import Image
@@ -107,16 +106,6 @@ def metric(gw: Gateway, name: str, **labels: str) -> float:
         if all(found.get(key) == value for key, value in labels.items()):
             total += float(match[3])
     return total
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Whether ``predicate`` came true (the gateway logs and counts a request just after its answer)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def blob_bytes(testbed: Testbed, upstream: str, image: Image, digest: str) -> bytes:

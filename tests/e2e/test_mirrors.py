@@ -20,8 +20,8 @@ import jwt
 import pytest
 
 from tests.e2e.clients import Containerd, Skopeo, verify_dir_copy
-from tests.e2e.test_integrity import PLATFORM, blob_gets, log_events, metric, wait_for
-from tests.support import Gateway, free_port, run_gateway
+from tests.e2e.test_integrity import PLATFORM, blob_gets, log_events, metric
+from tests.support import Gateway, free_port, run_gateway, wait_for
 from tests.testbed.bed import Testbed
 from tests.testbed.faults import FaultFront, FrontRequest
 from tests.testbed.images import Image
