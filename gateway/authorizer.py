@@ -15,7 +15,9 @@ Two implementations, one per route mode (``routes.UpstreamAuth``):
   bought with the route's credentials. The credentials answer challenges from the one
   upstream they belong to (``credentials_origin``) and nowhere else; a redirect target's
   challenge is answered anonymously. A refused token is dropped and one fresh token
-  tried, once.
+  tried, once. An account whose secret comes from a docker credential helper is resolved
+  (``credential_helper.py``) just before a token is bought; when the token endpoint refuses
+  the helper's answer (401/403) the helper is asked once more and the fetch retried once.
 - ``ClientTokenAuthorizer`` (``auth = "passthrough"``): the client's own token goes to the
   route's upstreams (which issued it) and to nothing else; any other origin is treated
   as above, anonymously.
@@ -37,11 +39,12 @@ import httpx
 from gateway import metrics
 from gateway.budget import ANONYMOUS, CLIENT, BudgetStore
 from gateway.challenge import Challenge, parse_challenges, pick_challenge
+from gateway.credential_helper import CredentialHelpers
 from gateway.errors import LoginRequired, RegistryError
 from gateway.policy import Origin
 from gateway.routes import ClientTokens, Credentials, GatewayTokens, Route
 from gateway.settings import Timeouts
-from gateway.tokens import Token, TokenCache, TokenKey, basic_authorization, fetch_token
+from gateway.tokens import CredentialsRefused, Token, TokenCache, TokenKey, basic_authorization, fetch_token
 from gateway.upstream_errors import check_destination
 
 
@@ -148,6 +151,8 @@ class GatewayTokenAuthorizer(Authorizer):
         # bought each Authorization value handed out (bounded: a few per account and scope).
         self._exhausted: dict[str, float] = {}
         self._bought_by: OrderedDict[str, str] = OrderedDict()
+        # Accounts whose secret a docker credential helper gives: their answers, one call at a time.
+        self.helpers = CredentialHelpers(timeouts.credential_helper)
 
     def admit(self, authorization: str | None, repository: str | None) -> Login:
         return GATEWAY_LOGIN  # the client's Authorization is never sent upstream
@@ -230,7 +235,14 @@ class GatewayTokenAuthorizer(Authorizer):
         """The Authorization value answering ``challenge`` for ``hop.repository``."""
         credentials = credentials or self.credentials_for(hop.origin, hop.repository)
         if challenge.scheme == "basic":
-            return self._bought(basic_authorization(credentials), credentials) if credentials else None
+            if credentials is None:
+                return None
+            resolved = await self.helpers.resolve(credentials, hop.origin)
+            if refused is not None and refused == basic_authorization(resolved) and credentials.helper is not None:
+                # The upstream refused the helper's answer: ask the helper again, once.
+                self.helpers.forget(credentials, hop.origin, resolved)
+                resolved = await self.helpers.resolve(credentials, hop.origin)
+            return self._bought(basic_authorization(resolved), credentials)
         realm = challenge.realm
         if realm is None:
             return None
@@ -247,7 +259,17 @@ class GatewayTokenAuthorizer(Authorizer):
 
         async def fetch() -> Token:
             try:
-                return await fetch_token(self.transport, key, credentials, timeouts=self.timeouts)
+                if credentials is None or credentials.helper is None:
+                    return await fetch_token(self.transport, key, credentials, timeouts=self.timeouts)
+                resolved = await self.helpers.resolve(credentials, hop.origin)
+                try:
+                    return await fetch_token(self.transport, key, resolved, timeouts=self.timeouts)
+                except CredentialsRefused:
+                    # A helper's secret rotates (a cloud's short-lived password): the endpoint refused the
+                    # cached answer, so ask the helper again and retry once; a second refusal stands.
+                    self.helpers.forget(credentials, hop.origin, resolved)
+                    resolved = await self.helpers.resolve(credentials, hop.origin)
+                    return await fetch_token(self.transport, key, resolved, timeouts=self.timeouts)
             except RegistryError:
                 metrics.upstream_error(self.route.name, "token")
                 raise

@@ -466,6 +466,9 @@ async def _probe_steps(client: UpstreamClient, upstream: Upstream, probe: Probe,
     who = plan.identity or "anonymous"
     start = time.perf_counter()
     try:
+        if credentials is not None and isinstance(authorizer, GatewayTokenAuthorizer):
+            # An account whose secret comes from a credential helper: asked here as a pull would ask it.
+            credentials = await authorizer.helpers.resolve(credentials, upstream.origin)
         if plan.action == "basic":
             assert credentials is not None
             status, _ = await _get_root(client, upstream, basic_authorization(credentials))

@@ -34,12 +34,18 @@ from gateway.reference import NAME_MAX_LENGTH, check_name
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """Upstream credentials of a route. The password never appears in a repr or log."""
+    """Upstream credentials of a route. The password never appears in a repr or log.
+
+    With ``helper`` (``[[route.credentials]]`` ``helper = "pass"``) the username and password are
+    empty: they come from ``docker-credential-<helper> get`` at first use (``credential_helper.py``).
+    """
 
     username: str
     password: str = field(repr=False)
     # The account's configured name ([[route.credentials]] name), for logs and metrics.
     name: str | None = None
+    # A docker credential helper's name: the secret is asked of it, lazily, and cached.
+    helper: str | None = None
 
     @property
     def identity(self) -> str:

@@ -35,6 +35,7 @@ from gateway.routes import (
 
 _REGISTRY_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?\Z")
 _HOST_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
+_HELPER_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
 class _RouteModel(BaseModel):
@@ -72,6 +73,8 @@ class _AccountModel(BaseModel):
     username_env: str | None = None
     password_env: str | None = None
     password_file: str | None = None
+    # docker-credential-helpers: the program docker-credential-<helper>, found on PATH at first use.
+    helper: str | None = None
 
 
 class _FileModel(BaseModel):
@@ -164,6 +167,21 @@ def _credentials(model: _RouteModel | _AccountModel, environ: Mapping[str, str])
     )
 
 
+def _helper_credentials(entry: _AccountModel) -> Credentials:
+    """An account whose secret a docker credential helper gives: checked here, asked at first use (never at
+    load time, so that a file validates where the helper is not installed)."""
+    helper = entry.helper or ""
+    others = [k for k in ("username", "username_env", "password_env", "password_file") if getattr(entry, k) is not None]
+    if others:
+        raise ValueError(f"helper: set helper or {'/'.join(others)}, not both")
+    if not _HELPER_RE.match(helper) or helper in (".", ".."):
+        raise ValueError(
+            f"helper: {helper[:64]!r} is not a plain program name (letters, digits, '.', '_', '-'): "
+            "docker-credential-<helper> is found on PATH"
+        )
+    return Credentials(username="", password="", name=entry.name, helper=helper)
+
+
 def _upstreams(model: _RouteModel) -> tuple[Upstream, ...]:
     urls = [model.upstream] if isinstance(model.upstream, str) else model.upstream
     if not urls:
@@ -218,7 +236,7 @@ def _accounts(model: _RouteModel, environ: Mapping[str, str]) -> tuple[Account, 
             raise ValueError(f"{where}: the name is used twice")
         names.add(entry.name)
         try:
-            credentials = _credentials(entry, environ)
+            credentials = _helper_credentials(entry) if entry.helper is not None else _credentials(entry, environ)
             RepositoryPolicy.build(entry.repositories, ())  # the same pattern syntax as allow/deny
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None

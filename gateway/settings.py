@@ -28,6 +28,8 @@ class Timeouts:
     blob_idle: float
     write: float
     pool: float
+    # A docker credential helper's whole run (``credential_helper.py``).
+    credential_helper: float = 10.0
 
     def per_request(self) -> dict[str, float]:
         """httpx's per-request timeout extension: connect, read, write and pool.
@@ -75,6 +77,8 @@ class Settings(BaseSettings):
     blob_idle_timeout: float = Field(default=300.0, gt=0)
     write_timeout: float = Field(default=60.0, gt=0)
     pool_timeout: float = Field(default=30.0, gt=0)
+    # A credential helper's whole run (docker-credential-<helper> get), killed past it.
+    credential_helper_timeout: float = Field(default=10.0, gt=0)
     max_redirects: int = Field(default=5, ge=0, le=20)
     # A blob body that breaks (reset, early end, stall past blob_idle_timeout, an expired CDN
     # URL) is asked for again from where it broke, at most this many times per request.
@@ -144,6 +148,7 @@ class Settings(BaseSettings):
             blob_idle=self.blob_idle_timeout,
             write=self.write_timeout,
             pool=self.pool_timeout,
+            credential_helper=self.credential_helper_timeout,
         )
 
     def pool_limits(self) -> PoolLimits:

@@ -170,7 +170,20 @@ class TokenCache:
                 self._tokens.popitem(last=False)
 
 
+class CredentialsRefused(RegistryError):
+    """The token endpoint refused the gateway's configured credentials (401/403): a 502 UNAUTHORIZED.
+
+    Its own type so that credentials that can be renewed (a credential helper's) are asked
+    again; every other caller sees the RegistryError it always saw.
+    """
+
+
 def basic_authorization(credentials: Credentials) -> str:
+    if credentials.helper is not None:
+        # Never an empty Basic login: a helper's account is resolved first (credential_helper.py).
+        raise RegistryError(
+            502, UNAVAILABLE, f"the credentials of {credentials.identity} come from a credential helper not yet asked"
+        )
     raw = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + base64.b64encode(raw).decode("ascii")
 
@@ -246,7 +259,7 @@ async def fetch_token(
     if resp.status_code in (401, 403):
         if credentials is not None:
             # The client can do nothing about the gateway's own credentials: a gateway fault.
-            raise RegistryError(
+            raise CredentialsRefused(
                 502,
                 UNAUTHORIZED,
                 f"the upstream token endpoint {realm} refused the gateway's configured credentials "

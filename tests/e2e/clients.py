@@ -193,9 +193,16 @@ class Dockerd:
     socket: Path
 
     def docker(self, *args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        # The CLI's own config (logins) stays in the test's directory, not in ~/.docker.
-        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "cli-config")}
-        argv = ["docker", "-H", f"unix://{self.socket}", *args]
+        # The CLI's own config (logins) stays in the test's directory, not in ~/.docker, and the
+        # CLI sees no credential helper of the machine's: it picks docker-credential-pass by
+        # itself when one is on PATH (docker/cli credentials.DetectDefaultStore), and logins
+        # would then go to the machine's password store instead of the test's config file.
+        no_helpers = self.root / "cli-path"
+        no_helpers.mkdir(exist_ok=True)
+        env = {**os.environ, "DOCKER_CONFIG": str(self.root / "cli-config"), "PATH": str(no_helpers)}
+        docker = shutil.which("docker")
+        assert docker is not None, "the docker CLI is not installed (scripts/install installs docker.io)"
+        argv = [docker, "-H", f"unix://{self.socket}", *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
         if proc.returncode != 0:
             raise AssertionError(f"docker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
