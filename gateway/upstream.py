@@ -48,6 +48,8 @@ _FAILOVER_STATUSES = frozenset({502, 503, 504})
 # An upstream that served a blob's bytes wrong is not asked for that blob again for this long
 # (when the route has another upstream): the client's retry goes elsewhere.
 AVOID_SECONDS = 600.0
+# A mirror that refuses a repository (401/403) is not asked for it again for this long.
+MIRROR_REFUSAL_SECONDS = 300.0
 _MAX_AVOIDED = 10_000
 
 
@@ -205,8 +207,11 @@ class UpstreamClient:
     ) -> Opened | None:
         """The first mirror that has the content, or None. Mirrors are asked anonymously (never
         with the route's credentials or a client's token) and their bytes are checked by digest."""
+        refusal = f"refused:{repository}"
         for mirror in self.route.mirrors:
-            if not self.breaker.available(mirror.url) or (avoid is not None and self._avoiding(mirror, avoid)):
+            if not self.breaker.available(mirror.url) or self._avoiding(mirror, refusal):
+                continue
+            if avoid is not None and self._avoiding(mirror, avoid):
                 continue
             try:
                 opened = await self._open_on(
@@ -222,6 +227,11 @@ class UpstreamClient:
                 return opened
             if status >= 500:
                 self.breaker.failure(mirror.url)
+            elif status in (401, 403):
+                # The mirror does not serve this repository to the gateway (a private image): not
+                # asked for it again for a while, so each of its layers does not cost a refusal
+                # and a fresh anonymous token.
+                self.avoid(mirror, refusal, MIRROR_REFUSAL_SECONDS)
             await opened.response.aclose()  # a 404 (not mirrored) or a refusal: ask the next
         return None
 

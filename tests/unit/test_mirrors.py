@@ -16,6 +16,7 @@ from tests.unit.fake_registry import (
     REALM,
     REGISTRY,
     FakeRegistry,
+    registry_error,
     response,
 )
 from tests.unit.test_blob_check import asgi_get
@@ -131,3 +132,22 @@ async def test_a_blob_mirror_that_flips_a_byte_is_avoided_for_the_retry(fake):
 def test_mirror_configuration_errors(extra, message):
     with pytest.raises(ConfigError, match=message):
         parse_routes({"route": route(**extra)}, "routes.toml", {})
+
+
+async def test_a_mirror_that_refuses_a_repository_is_not_asked_again_for_its_other_layers(fake, gateway_client):
+    def private_at_the_mirror(request: httpx.Request) -> httpx.Response | None:
+        if request.url.host == "mirror.test" and request.url.path != "/v2/":
+            return registry_error(401, "UNAUTHORIZED", "private")
+        return None
+
+    fake.override = private_at_the_mirror
+    async with gateway_client(route()) as client:
+        for _ in range(3):
+            assert (await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")).content == BLOB
+        assert (await client.get(f"/v2/alpine/manifests/{MANIFEST_DIGEST}")).content == MANIFEST
+        other = await client.get(f"/v2/other/app/blobs/{BLOB_DIGEST}")
+        assert other.status_code == 200
+    asked = [r.url.path for r in fake.requests if r.url.host == "mirror.test"]
+    # One refusal for library/alpine (then the registry for everything of it), one for other/app.
+    assert len([p for p in asked if "/library/alpine/" in p]) == 1
+    assert len([p for p in asked if "/other/app/" in p]) == 1
