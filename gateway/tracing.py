@@ -96,10 +96,6 @@ def _provider_from(environ: Mapping[str, str]) -> TracerProvider:
     return provider
 
 
-def enabled() -> bool:
-    return _tracer is not None
-
-
 def shutdown() -> None:
     """Flush what is buffered (lifespan end) and turn tracing off."""
     global _tracer, _provider
