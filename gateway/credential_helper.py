@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ logger = logging.getLogger("gateway.credential_helper")
 PROGRAM_PREFIX = "docker-credential-"  # docker-credential-helpers: the program is docker-credential-<name>
 MAX_ANSWER = 64 << 10  # a real answer is a few hundred bytes (a cloud token a few KiB)
 STDERR_LOGGED = 200  # characters of a failing helper's standard error that are logged
+FAILURE_SECONDS = 5.0  # a helper that failed is not run again for this long (its error stands)
 
 
 def server_address(origin: Origin) -> str:
@@ -59,10 +61,14 @@ class _Key:
 class CredentialHelpers:
     """The answers of credential helpers, per account, with one call in flight per account."""
 
-    def __init__(self, timeout: float = 10.0) -> None:
+    def __init__(self, timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.timeout = timeout
+        self._clock = clock
         self._answers: dict[_Key, Credentials] = {}
         self._inflight: dict[_Key, asyncio.Task[Credentials]] = {}
+        # A helper that failed is not run again for FAILURE_SECONDS: every request of a busy
+        # route would otherwise start a process that fails the same way.
+        self._failures: dict[_Key, tuple[float, RegistryError]] = {}
         #: helper runs started (for tests and the curious; never the answers)
         self.calls = 0
 
@@ -79,6 +85,10 @@ class CredentialHelpers:
         cached = self._answers.get(key)
         if cached is not None:
             return cached
+        failure = self._failures.get(key)
+        if failure is not None and failure[0] > self._clock():
+            error = failure[1]
+            raise RegistryError(error.status, error.code, error.message, error.detail)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(self._call(key, credentials))
@@ -97,8 +107,12 @@ class CredentialHelpers:
     async def _call(self, key: _Key, credentials: Credentials) -> Credentials:
         try:
             answer = await self._run(key, credentials)
+        except RegistryError as exc:
+            self._failures[key] = (self._clock() + FAILURE_SECONDS, exc)
+            raise
         finally:
             self._inflight.pop(key, None)
+        self._failures.pop(key, None)
         self._answers[key] = answer
         return answer
 

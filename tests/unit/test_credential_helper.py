@@ -242,3 +242,15 @@ async def test_other_accounts_and_anonymous_repositories_never_run_the_helper(
         answer = await client.get("/v2/other/app/manifests/v1")
     assert answer.status_code == 401
     assert helper.calls == []
+
+
+async def test_a_failed_helper_is_not_run_again_for_every_request(
+    gateway_client: GatewayClient, helper: Helper
+) -> None:
+    helper.mode("fail")
+    realm = Realm()
+    async with gateway_client([route()], registry=realm.fake) as client:
+        answers = [await client.get("/v2/acme/app/manifests/v1") for _ in range(5)]
+    assert {a.status_code for a in answers} == {502}
+    assert all("exited with status 3" in a.json()["errors"][0]["message"] for a in answers)
+    assert len(helper.calls) == 1  # the failure stands for FAILURE_SECONDS; then the helper is asked again
