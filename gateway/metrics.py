@@ -96,7 +96,8 @@ DIGEST_MISMATCHES = Counter(
 )
 MANIFEST_CACHE = Counter(
     "registry_gateway_manifest_cache",
-    "Manifest requests answered from the cache (hit) or from the upstream (miss), by route.",
+    "Manifest requests answered from the cache (hit), from the upstream (miss), or from the cache because "
+    "the upstream failed (stale), by route.",
     ["route", "result"],
 )
 # The upstream's pull budget, from Docker Hub's ratelimit-limit / ratelimit-remaining headers
