@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import metrics, tracing
+from gateway import herd, metrics, tracing
 from gateway.access import AccessControl, ClientAuth, RateLimiter
 from gateway.asgi import ASGIApp, Receive, Scope, Send, error_headers
 from gateway.authorizer import authorizer_for
@@ -140,7 +140,8 @@ def create_app(
             digest_ttl=settings.manifest_cache_digest_ttl,
             stale_if_error=settings.manifest_stale_if_error,
         )
-    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets)
+    board = herd.Board(settings.shared_window_bytes, settings.shared_memory_bytes, metrics.SHARED_WINDOW_BYTES.inc)
+    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets, board=board)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -50,21 +50,38 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
-def _update(hasher: hashlib._Hash, chunks: list[bytes]) -> None:
+def _update(hasher: hashlib._Hash, chunks: list[bytes], mark: bool) -> hashlib._Hash | None:
     # One update of the joined batch, not one per chunk: each update releases and takes back
     # the GIL, and every hand-over costs the relay's thread a wait (measured: a third more CPU).
     hasher.update(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    # The state after the batch, for a reader of a shared fetch that goes on alone from here
+    # (``herd.py``); copied in this thread, before the next batch can change it.
+    return hasher.copy() if mark else None
 
 
 class StreamHasher:
-    """A running hash fed chunk by chunk; the hashing happens in the pool, one batch at a time."""
+    """A running hash fed chunk by chunk; the hashing happens in the pool, one batch at a time.
 
-    def __init__(self, algorithm: str) -> None:
-        self._hasher = hashlib.new(algorithm)
+    ``state`` and ``fed`` continue a hash already over ``fed`` bytes. With ``marks`` the state
+    after each batch is kept as ``(offset, state)`` (collected as batches finish): a shared
+    fetch hands one to a reader that leaves it, so that reader's own bytes are checked too.
+    """
+
+    def __init__(
+        self, algorithm: str, *, state: hashlib._Hash | None = None, fed: int = 0, marks: bool = False
+    ) -> None:
+        self._hasher = state if state is not None else hashlib.new(algorithm)
         self._algorithm = algorithm
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._job: asyncio.Future[None] | None = None
+        self._job: asyncio.Future[hashlib._Hash | None] | None = None
+        self._fed = fed  # bytes handed to the pool so far
+        self._job_end = fed  # the offset the job in flight hashes up to
+        self.marks: list[tuple[int, hashlib._Hash]] | None = [(fed, self._hasher.copy())] if marks else None
+
+    @property
+    def algorithm(self) -> str:
+        return self._algorithm
 
     async def feed(self, chunk: bytes) -> None:
         self._pending.append(chunk)
@@ -77,11 +94,22 @@ class StreamHasher:
             await self._job
         self._submit()
 
+    def collect(self) -> None:
+        """Take in the result of a finished batch (a failure in the pool surfaces here)."""
+        job = self._job
+        if job is None or not job.done():
+            return
+        self._job = None
+        mark = job.result()
+        if mark is not None and self.marks is not None:
+            self.marks.append((self._job_end, mark))
+
     def _submit(self) -> None:
-        if self._job is not None:
-            self._job.result()  # a failure in the pool surfaces here
+        self.collect()
         loop = asyncio.get_running_loop()
-        self._job = loop.run_in_executor(_pool(), _update, self._hasher, self._pending)
+        self._fed += self._pending_bytes
+        self._job_end = self._fed
+        self._job = loop.run_in_executor(_pool(), _update, self._hasher, self._pending, self.marks is not None)
         self._pending = []
         self._pending_bytes = 0
 
@@ -93,6 +121,7 @@ class StreamHasher:
             self._submit()
             assert self._job is not None
             await self._job
+        self.collect()
         return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
     async def aclose(self) -> None:
@@ -111,14 +140,18 @@ class Verdict:
 
 
 async def verified(
-    chunks: AsyncIterator[bytes], digest: str, algorithm: str, verdict: Verdict | None = None
+    chunks: AsyncIterator[bytes],
+    digest: str,
+    algorithm: str,
+    verdict: Verdict | None = None,
+    hasher: StreamHasher | None = None,
 ) -> AsyncIterator[bytes]:
     """``chunks`` as they come, but the last one only once they all hash to ``digest``.
 
     Raises DigestMismatch instead of yielding the last chunk when they do not; ``verdict``
-    records the digest they hashed to.
+    records the digest they hashed to. ``hasher`` continues a hash of the bytes before these.
     """
-    hasher = StreamHasher(algorithm)
+    hasher = hasher if hasher is not None else StreamHasher(algorithm)
     held: bytes | None = None
     try:
         async for chunk in chunks:

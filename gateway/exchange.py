@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.authorizer import Login
+from gateway.herd import SharedFetch
 from gateway.log import RequestRecord
 from gateway.manifest_cache import CacheKey
 from gateway.reference import ApiPath, Kind, is_digest
@@ -31,6 +32,10 @@ class Exchange:
     cache_key: CacheKey | None = None
     # The upstream that answered, once one did.
     upstream: Upstream | None = None
+    # A blob GET that opens a shared fetch (``herd.py``): others wait for its answer.
+    lead: SharedFetch | None = None
+    # Whether the upstream response now belongs to a shared fetch (which closes it), not to us.
+    handed_over: bool = False
 
     @property
     def route_name(self) -> str:

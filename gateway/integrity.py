@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -21,20 +21,16 @@ from gateway.errors import UNAVAILABLE, RegistryError
 from gateway.exchange import Exchange
 from gateway.reference import is_digest
 from gateway.request_rules import upstream_headers
-from gateway.resume import continues, resumable, segment_of
+from gateway.resume import Segment, continues, resumable, segment_of
 from gateway.upstream import UpstreamClient
 
 logger = logging.getLogger("gateway.integrity")
 
 
-def resumable_body(
-    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int
-) -> AsyncIterator[bytes]:
-    """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
-    segment = segment_of(resp.status_code, resp.headers)
-    if segment is None or max_resumes <= 0:
-        return body
-    later: list[httpx.Response] = []  # the answers to resumes, closed when done
+def _reopener(
+    ex: Exchange, client: UpstreamClient, segment: Segment, later: list[httpx.Response]
+) -> Callable[[int], Awaitable[AsyncIterator[bytes]]]:
+    """How the rest of ``segment`` after ``sent`` bytes is asked for: the whole path again."""
 
     async def reopen(sent: int) -> AsyncIterator[bytes]:
         while later:
@@ -61,6 +57,17 @@ def resumable_body(
         ex.upstream = opened.upstream
         return opened.response.aiter_raw()
 
+    return reopen
+
+
+def _resumed(
+    ex: Exchange,
+    body: AsyncIterator[bytes],
+    segment: Segment,
+    reopen: Callable[[int], Awaitable[AsyncIterator[bytes]]],
+    later: list[httpx.Response],
+    max_resumes: int,
+) -> AsyncIterator[bytes]:
     def on_resume(sent: int, error: BaseException) -> None:
         ex.record.resumes = (ex.record.resumes or 0) + 1
         fields = {
@@ -85,14 +92,50 @@ def resumable_body(
     return resumed()
 
 
-def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
-    """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
+def resumable_body(
+    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int
+) -> AsyncIterator[bytes]:
+    """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
+    segment = segment_of(resp.status_code, resp.headers)
+    if segment is None or max_resumes <= 0:
+        return body
+    later: list[httpx.Response] = []  # the answers to resumes, closed when done
+    return _resumed(ex, body, segment, _reopener(ex, client, segment, later), later, max_resumes)
+
+
+async def rest_of(ex: Exchange, client: UpstreamClient, segment: Segment, max_resumes: int) -> AsyncIterator[bytes]:
+    """``segment`` of a blob on its own upstream request (a reader that left a shared fetch), resumed too.
+
+    The request is the client's own: its login, a fresh token and redirect, failover and
+    mirrors, a 206 for exactly that range or nothing (``RuntimeError``, the transfer aborted).
+    """
+    later: list[httpx.Response] = []
+    reopen = _reopener(ex, client, segment, later)
+    try:
+        body = await reopen(0)
+    except BaseException:
+        while later:
+            await later.pop().aclose()
+        raise
+    async for chunk in _resumed(ex, body, segment, reopen, later, max_resumes):
+        yield chunk
+
+
+def algorithm_for(ex: Exchange) -> str | None:
+    """The hash a whole blob body of this request is checked with, or None (and the record says why)."""
     if not ex.target.route.verify_blobs:
         ex.record.verified = "off"
-        return body, None
+        return None
     algorithm = algorithm_of(ex.api.reference)
     if algorithm is None:
         ex.record.verified = "unknown_algorithm"
+    return algorithm
+
+
+def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
+    """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
+    algorithm = algorithm_for(ex)
+    if algorithm is None:
         return body, None
     verdict = Verdict()
     return verified(body, ex.api.reference, algorithm, verdict), verdict

@@ -149,6 +149,7 @@ class RequestRecord:
     upstream_seconds: float | None = None
     verified: str | None = None  # blobs: "ok", "mismatch", "unknown_algorithm", "off"
     resumes: int | None = None  # blobs: how many times a broken body was asked for again
+    share: str | None = None  # blob GETs: "led", "joined", "detached" or "bypassed" (herd.py)
 
 
 # What an access line holds, in this order. Nothing secret: names, statuses, counts.
@@ -171,6 +172,7 @@ ACCESS_LOG_FIELDS = (
     "upstream_seconds",
     "verified",
     "resumes",
+    "share",
 )
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")

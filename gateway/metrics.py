@@ -132,6 +132,32 @@ MANIFEST_STALE = Counter(
     ["route", "reason"],
 )
 
+# Shared blob fetches (``herd.py``): one upstream body fed to every concurrent pull of a blob.
+SHARED_REQUESTS = Counter(
+    "registry_gateway_shared_fetch_requests",
+    "Blob GETs by their part in a shared fetch: led (opened it), joined (read another's), detached "
+    "(fell a window behind, or the shared body broke, and went on alone), bypassed (the windows' memory "
+    "cap was reached: relayed alone), by route.",
+    ["route", "role"],
+)
+SHARED_FETCHES = Gauge(
+    "registry_gateway_shared_fetches_in_flight",
+    "Shared upstream blob bodies being read right now, by route.",
+    ["route"],
+    multiprocess_mode="livesum",
+)
+SHARED_WINDOW_BYTES = Gauge(
+    "registry_gateway_shared_window_bytes",
+    "Bytes held in the windows of all shared fetches right now.",
+    multiprocess_mode="livesum",
+)
+BLOB_BODY_BYTES = Counter(
+    "registry_gateway_blob_body_bytes",
+    "Blob body bytes by side: read from upstreams (upstream) and sent to clients (client), by route; "
+    "the difference is the egress that shared fetches saved.",
+    ["route", "side"],
+)
+
 
 def observe(record: RequestRecord, seconds: float) -> None:
     """Count one finished request."""
@@ -154,6 +180,8 @@ def observe(record: RequestRecord, seconds: float) -> None:
         BLOB_CHECKS.labels(route, record.verified).inc()
         if record.verified == "mismatch":
             DIGEST_MISMATCHES.labels(route, record.upstream or "-").inc()
+    if record.share is not None:
+        SHARED_REQUESTS.labels(route, record.share).inc()
 
 
 def upstream_error(route: str, reason: str) -> None:
@@ -170,6 +198,11 @@ def budget(route: str, credential: str, limit: int | None, remaining: int | None
 
 def upstream_rate_limited(route: str, credential: str) -> None:
     UPSTREAM_RATE_LIMITED.labels(route, credential).inc()
+
+
+def blob_bytes(route: str, side: str, count: int) -> None:
+    if count:
+        BLOB_BODY_BYTES.labels(route, side).inc(count)
 
 
 def manifest_stale(route: str, reason: str) -> None:

@@ -24,15 +24,18 @@ it may be (``_serve_stale``, ``manifest_cache.py``), with ``Warning: 110``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from urllib.parse import urljoin
 
 import httpx
 
-from gateway import budget, integrity, metrics, passthrough, tracing
+from gateway import budget, herd, integrity, metrics, passthrough, tracing
 from gateway.asgi import (
     API_VERSION_HEADER,
     JSON_CONTENT_TYPE,
@@ -47,7 +50,7 @@ from gateway.asgi import (
     send_json,
     stream_body,
 )
-from gateway.blob_check import DigestMismatch, Verdict
+from gateway.blob_check import DigestMismatch, Verdict, verified
 from gateway.errors import (
     UNAVAILABLE,
     UNKNOWN,
@@ -71,7 +74,7 @@ from gateway.httputil import (
 from gateway.log import RequestRecord, record_of
 from gateway.manifest_cache import CacheKey, Entry, ManifestCache, normalise_accept
 from gateway.policy import origin_of
-from gateway.reference import Kind, check_raw_path, check_reference, parse_api_path
+from gateway.reference import Kind, check_raw_path, check_reference, is_digest, parse_api_path
 from gateway.request_rules import (
     NOT_MODIFIED_HEADERS,
     check_request_headers,
@@ -80,6 +83,7 @@ from gateway.request_rules import (
     upstream_headers,
     upstream_query,
 )
+from gateway.resume import Segment
 from gateway.routes import RequestFacts, RouteTable, Target
 from gateway.upstream import Opened, UpstreamClient
 from gateway.upstream_errors import BODY, upstream_errors
@@ -87,7 +91,11 @@ from gateway.upstream_errors import BODY, upstream_errors
 logger = logging.getLogger("gateway.proxy")
 
 # What ends a body mid-stream as a broken upstream (the client's connection is aborted).
-_STREAM_ERRORS = (httpx.HTTPError, DigestMismatch)
+_STREAM_ERRORS = (httpx.HTTPError, DigestMismatch, herd.FetchBroken)
+# How long a passthrough client's proven access to a repository lets it join shared fetches
+# of that repository's blobs without asking the upstream again.
+JOIN_PERMIT_SECONDS = 60.0
+_MAX_PERMITS = 4096
 
 # distribution refuses to store manifests over 4 MiB (registry/handlers/manifests.go,
 # maxManifestBodySize); a bigger one from an upstream is broken or hostile.
@@ -109,6 +117,7 @@ class Relay:
         *,
         blob_resumes: int = 0,
         budgets: budget.BudgetStore | None = None,
+        board: herd.Board | None = None,
     ) -> None:
         self.table = table
         self.clients = clients
@@ -117,6 +126,12 @@ class Relay:
         self.budgets = budgets if budgets is not None else budget.BudgetStore()
         # How many times one blob body that breaks is asked for again from where it broke.
         self.blob_resumes = blob_resumes
+        # Shared blob fetches (``herd.py``); None or disabled: every GET relayed alone.
+        self.board = board if board is not None and board.enabled else None
+        # Each shared fetch's own exchange (the leader's request, with a record of its own).
+        self._producers: weakref.WeakKeyDictionary[herd.SharedFetch, Exchange] = weakref.WeakKeyDictionary()
+        # Passthrough clients that proved access to a repository: (token hash, route, repo) -> until.
+        self._permits: OrderedDict[tuple[str, str, str], float] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = record_of(scope)
@@ -177,6 +192,8 @@ class Relay:
                 record.cache = "miss"
                 ex.cache_key = key
                 await self._from_upstream(ex, query)
+        elif self.board is not None and self._shareable(ex):
+            await self._shared(ex, query)
         else:
             await self._from_upstream(ex, query)
 
@@ -322,7 +339,8 @@ class Relay:
             else:
                 await self._answer(ex, opened)
         finally:
-            await opened.response.aclose()
+            if not ex.handed_over:
+                await opened.response.aclose()
 
     async def _ping(self, scope: Scope, send: Send, record: RequestRecord) -> None:
         """``/v2/``: 200, unless the host's route passes logins through and the client has none (yet)."""
@@ -377,13 +395,24 @@ class Relay:
             if resp.status_code == 200 and not ex.head and "content-encoding" not in resp.headers:
                 body = await self._renamed_tag_list(ex, headers, body)
         verdict: Verdict | None = None
+        if ex.lead is not None:
+            reader = self._lead(ex, resp, headers)
+            if reader is not None:
+                await self._send_shared(ex, ex.lead, reader, headers, 200)
+                return
+            ex.lead.abandon()
         if ex.api.kind is Kind.BLOB and not ex.head:
             body = integrity.resumable_body(ex, self.clients[ex.route_name], resp, body, self.blob_resumes)
             if resp.status_code == 200:
                 body, verdict = integrity.checked_body(ex, body)
+        await self._send_stream(ex, resp.status_code, headers, body, verdict)
+
+    async def _send_stream(
+        self, ex: Exchange, status: int, headers: Headers, body: AsyncIterator[bytes], verdict: Verdict | None
+    ) -> None:
         headers.append(API_VERSION_HEADER)
-        await ex.send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
-        if ex.head or resp.status_code in (204, 304):
+        await ex.send({"type": "http.response.start", "status": status, "headers": headers})
+        if ex.head or status in (204, 304):
             await ex.send({"type": "http.response.body", "body": b""})
             return
         in_flight = metrics.STREAMS_IN_FLIGHT.labels(ex.route_name)
@@ -409,6 +438,10 @@ class Relay:
                 },
             )
         ex.record.bytes = sent
+        if ex.api.kind is Kind.BLOB:
+            metrics.blob_bytes(ex.route_name, "client", sent)
+            if ex.record.share is None or ex.record.share == "bypassed":
+                metrics.blob_bytes(ex.route_name, "upstream", sent)
         if verdict is not None:
             integrity.judge(ex, self.clients[ex.route_name], verdict)
         if end is not StreamEnd.COMPLETE and ex.record.verified != "mismatch":
@@ -417,6 +450,178 @@ class Relay:
                 metrics.upstream_error(ex.route_name, "broken_stream")
                 fields = {"event": "upstream_broke", "request_id": ex.record.request_id, "route": ex.route_name}
                 logger.warning("upstream broke mid-body; aborting the client connection", extra={"fields": fields})
+
+    # -- shared blob fetches (herd.py) ----------------------------------------------------
+
+    @staticmethod
+    def _shareable(ex: Exchange) -> bool:
+        """A whole blob GET by digest, with nothing that makes its answer its own."""
+        if ex.head or ex.api.kind is not Kind.BLOB or not is_digest(ex.api.reference):
+            return False
+        own = (b"range", b"if-none-match", b"if-match", b"if-modified-since", b"if-unmodified-since", b"if-range")
+        return not any(k in own for k, _ in ex.scope["headers"])
+
+    async def _shared(self, ex: Exchange, query: str) -> None:
+        """Join the blob's shared fetch when it still holds the first byte, else open one for others."""
+        assert self.board is not None
+        key: herd.Key = (ex.route_name, ex.target.upstream_name, ex.api.reference)
+        client = self.clients[ex.route_name]
+        fetch = self.board.current(key)
+        if fetch is not None and not fetch.ready.is_set():
+            try:
+                async with asyncio.timeout(client.timeouts.manifest):
+                    await fetch.ready.wait()  # its leader is opening it: its answer decides
+            except TimeoutError:
+                pass
+            fetch = self.board.current(key)
+        if fetch is not None and fetch.holds(0):
+            if not await self._may_join(ex):
+                await self._from_upstream(ex, query)  # its own answer: the upstream's refusal
+                return
+            if fetch.holds(0):
+                reader = fetch.join(0, fetch.total)
+                ex.record.share = "joined"
+                await self._send_shared(ex, fetch, reader, list(fetch.headers), 200)
+                return
+        ex.lead = self.board.lead(key)
+        try:
+            await self._from_upstream(ex, query)
+        finally:
+            ex.lead.abandon()  # unless its answer was shared: then nothing to do
+
+    async def _may_join(self, ex: Exchange) -> bool:
+        """Whether this client may read a shared fetch's bytes: on passthrough routes, only once
+        the upstream accepted the client's own token for this repository (a HEAD, remembered)."""
+        authorization = ex.login.client_authorization
+        if authorization is None:
+            return True  # the gateway's own credentials: its access checks admitted the client
+        key = herd.permit_key(authorization, ex.route_name, ex.target.upstream_name)
+        now = time.monotonic()
+        until = self._permits.get(key)
+        if until is not None and until > now:
+            return True
+        client = self.clients[ex.route_name]
+        try:
+            async with asyncio.timeout(client.timeouts.manifest):
+                opened = await client.open(
+                    "HEAD",
+                    ex.upstream_path,
+                    headers=upstream_headers(ex.scope),
+                    repository=ex.target.upstream_name,
+                    follow_redirects=False,
+                    login=ex.login,
+                )
+        except (TimeoutError, RegistryError):
+            return False
+        await opened.response.aclose()
+        # A 200, or a redirect to where the bytes are: the registry authorized this token.
+        if opened.response.status_code != 200 and opened.response.status_code not in REDIRECT_STATUSES:
+            return False
+        self._permits[key] = now + JOIN_PERMIT_SECONDS
+        self._permits.move_to_end(key)
+        while len(self._permits) > _MAX_PERMITS:
+            self._permits.popitem(last=False)
+        return True
+
+    def _lead(self, ex: Exchange, resp: httpx.Response, headers: Headers) -> herd.Reader | None:
+        """Hand a whole blob answer to the shared fetch ``ex.lead``; its first reader, or None (relayed alone)."""
+        fetch = ex.lead
+        assert fetch is not None
+        assert self.board is not None
+        length = resp.headers.get("content-length", "")
+        if resp.status_code != 200 or not length.isdigit() or int(length) == 0 or "content-encoding" in resp.headers:
+            return None
+        total = int(length)
+        if not self.board.reserve(fetch, total):
+            ex.record.share = "bypassed"
+            return None
+        client = self.clients[ex.route_name]
+        # The fetch's own exchange: its resumes and upstream are its own, not the first client's.
+        producer = dataclasses.replace(ex, record=dataclasses.replace(ex.record), lead=None)
+        body: AsyncIterator[bytes] = resp.aiter_raw()
+        passthrough_login = ex.login.from_client
+        if not passthrough_login:
+            # The gateway's credentials: the fetch asks for the rest itself when its body breaks.
+            # A passthrough fetch holds the leader's token only: its readers go on alone instead.
+            body = integrity.resumable_body(producer, client, resp, body, self.blob_resumes)
+        algorithm = integrity.algorithm_for(ex)
+        self._producers[fetch] = producer
+        route = ex.route_name
+        metrics.SHARED_FETCHES.labels(route).inc()
+
+        def ended(done: herd.SharedFetch) -> None:
+            metrics.SHARED_FETCHES.labels(route).dec()
+            metrics.blob_bytes(route, "upstream", done.produced)
+            done.resumes = producer.record.resumes or 0
+            if isinstance(done.error, DigestMismatch):
+                integrity.mismatched(
+                    producer, client, done.error.actual, "a shared blob's bytes did not match its digest; aborted"
+                )
+
+        reader = fetch.start(
+            headers,
+            total,
+            body,
+            digest=ex.api.reference,
+            algorithm=algorithm,
+            detach_on_break=passthrough_login,
+            on_end=ended,
+            close=resp.aclose,
+        )
+        ex.handed_over = True
+        ex.record.share = "led"
+        return reader
+
+    async def _send_shared(
+        self, ex: Exchange, fetch: herd.SharedFetch, reader: herd.Reader, headers: Headers, status: int
+    ) -> None:
+        """One reader of a shared fetch: the window's bytes, then its own request if it is detached."""
+        client = self.clients[ex.route_name]
+        producer = self._producers.get(fetch)
+        if producer is not None:
+            ex.upstream = producer.upstream
+            ex.record.upstream = producer.record.upstream
+        whole = reader.position == 0 and reader.end == fetch.total
+        algorithm = integrity.algorithm_for(ex) if whole else None
+        verdict = Verdict() if algorithm is not None else None
+
+        async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+            ex.record.share = "detached"
+            fields = {
+                "event": "shared_fetch_detached",
+                "request_id": ex.record.request_id,
+                "route": ex.route_name,
+                "digest": ex.api.reference,
+                "offset": resume.position,
+                "reason": resume.reason,
+            }
+            logger.info("a reader left a shared fetch; going on alone", extra={"fields": fields})
+            segment = Segment(resume.position, reader.end - 1, fetch.total)
+            body = integrity.rest_of(ex, client, segment, self.blob_resumes)
+            if algorithm is not None and resume.hasher is not None:
+                for piece in resume.prefix:
+                    await resume.hasher.feed(piece)
+                resume.prefix.clear()
+                body = verified(body, ex.api.reference, algorithm, verdict, hasher=resume.hasher)
+            got = 0
+            try:
+                async for chunk in body:
+                    got += len(chunk)
+                    yield chunk
+            finally:
+                metrics.blob_bytes(ex.route_name, "upstream", got)
+
+        await self._send_stream(ex, status, headers, fetch.read(reader, own), None)
+        if ex.record.share != "detached":
+            ex.record.resumes = fetch.resumes or ex.record.resumes
+            if verdict is not None and fetch.actual is not None and ex.record.bytes == fetch.total:
+                verdict.actual = fetch.actual
+            if isinstance(fetch.error, DigestMismatch):
+                ex.record.verified = "mismatch"
+                ex.record.error = "digest_mismatch"
+                return
+        if verdict is not None:
+            integrity.judge(ex, client, verdict)
 
     async def _renamed_tag_list(
         self, ex: Exchange, headers: Headers, body: AsyncIterator[bytes]

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     # A blob body that breaks (reset, early end, stall past blob_idle_timeout, an expired CDN
     # URL) is asked for again from where it broke, at most this many times per request.
     blob_resumes: int = Field(default=3, ge=0, le=100)
+    # Shared blob fetches (herd.py): concurrent GETs of one blob read one upstream body. The
+    # window is how far the slowest of them may fall behind the fastest before it goes on
+    # alone; 128 MiB is about one second of a 1 Gbit/s link and 1/16 s of 2 GB/s. 0 turns
+    # sharing off. The memory cap bounds all windows together: new fetches past it are
+    # relayed alone.
+    shared_window_bytes: int = Field(default=128 << 20, ge=0)
+    shared_memory_bytes: int = Field(default=512 << 20, ge=0)
 
     # A route's upstream that fails this many times in a row (connection error, timeout,
     # 5xx) is skipped for breaker_cooldown seconds, then tried again.

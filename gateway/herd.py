@@ -1,0 +1,431 @@
+"""Herd-proof pulls: one upstream fetch of a blob feeds every concurrent pull of it, in bounded memory.
+
+A fleet pulls the same layers at the same moment. The first full GET of a blob (the
+*leader*) opens the upstream as usual; while its body streams, every other full GET of the
+same blob of the same route and repository (a *joiner*) reads the same bytes from a
+**window** of the most recent bytes instead of opening its own upstream request. Each
+reader goes at its own pace:
+
+- the fetch reads upstream as fast as its fastest reader asks (at most ``READAHEAD`` ahead
+  of it), never as fast as the slowest;
+- the window keeps at most ``window`` bytes; a reader that falls so far behind that its next
+  bytes would leave the window is **detached**: it goes on alone with its own upstream
+  request (``Range: bytes=<offset>-``), so one slow client never holds back the others and
+  never makes the gateway buffer without bound;
+- a board-wide cap on all windows (``memory``) turns sharing off for new fetches once reached.
+
+Every byte is hashed once, by the fetch (``blob_check.py``); the last chunk enters the window
+only once the digest matched, so no reader sees a clean end of wrong bytes. The hash state
+is kept at batch boundaries (marks), and the window never drops the bytes after the latest
+mark below a reader: a detached reader takes that state and the bytes from the mark to its
+offset, and checks its own rest against the same digest.
+
+A full GET that arrives after the window no longer holds the first byte starts a new fetch
+(a new *generation*) that later arrivals join: a late joiner costs one more upstream fetch,
+shared with everyone who arrives soon after it (``docs/performance.md`` measures staggered
+starts). Shared fetches are per process; ``docs/deploy.md`` says how replicas behind nginx
+or ingress-nginx meet in one process per blob.
+
+This module is the mechanism only: no HTTP, no routes. The relay (``proxy.py``) decides who
+may join and supplies a detached reader's own continuation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from gateway.blob_check import DigestMismatch, StreamHasher
+
+logger = logging.getLogger("gateway.herd")
+
+# (route, upstream repository, digest). The repository is part of the key: a registry serves
+# a blob only under a repository that holds it (distribution-spec "Pulling blobs"), and a
+# private repository's blob must not reach a client that asked under another name.
+Key = tuple[str, str, str]
+
+# How far the fetch reads ahead of its fastest reader: enough to hide an upstream read's
+# latency, small beside the window.
+READAHEAD = 4 << 20
+# Compact the window's lists once this many chunks have left them.
+_COMPACT_AFTER = 512
+
+
+class FetchBroken(Exception):
+    """The shared upstream body ended before its last byte (after any resumes)."""
+
+
+@dataclass(slots=True)
+class Resume:
+    """Where a detached reader goes on alone, and the hash state its own bytes continue."""
+
+    position: int
+    reason: str  # "slow" (fell a window behind) or "upstream_broke" (the shared body broke)
+    # A hash over the blob's first ``position`` bytes, or None when the fetch does not check.
+    hasher: StreamHasher | None = None
+    # The bytes between the hash's mark and ``position`` (already sent), to be fed to ``hasher``.
+    prefix: list[bytes] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class Reader:
+    """One client's place in a shared fetch: the next byte it needs, and where it stops."""
+
+    position: int
+    end: int  # exclusive
+    resume: Resume | None = None
+
+    @property
+    def detached(self) -> bool:
+        return self.resume is not None
+
+
+Continue = Callable[[Resume], AsyncIterator[bytes]]
+
+
+class SharedFetch:
+    """One upstream body of one blob, read once, fed to every attached reader from a window."""
+
+    def __init__(self, board: Board, key: Key) -> None:
+        self.board = board
+        self.key = key
+        self.window = board.window
+        # Set once the leader knows whether its answer is shared (``start``) or not (``abandon``).
+        self.ready = asyncio.Event()
+        self.shared = False
+        self.total = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.readers: set[Reader] = set()
+        self.produced = 0  # bytes in (or through) the window
+        self.base = 0  # offset of the window's first byte
+        self.done = False
+        self.error: BaseException | None = None
+        self.actual: str | None = None  # the digest the bytes hashed to, once all came
+        self.resumes = 0  # how many times the shared body was asked for again (set by the relay)
+        # Whether a break detaches the readers (each goes on with its own login) instead of
+        # failing them: a passthrough route's fetch is opened with the leader's token only.
+        self.detach_on_break = False
+        self.reserved = 0
+        self._digest = ""
+        self._hasher: StreamHasher | None = None
+        self._starts: list[int] = []
+        self._chunks: list[bytes] = []
+        self._first = 0  # index in the lists of the window's first chunk
+        self._more = asyncio.Event()
+        self._room = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_end: Callable[[SharedFetch], None] | None = None
+        self._freed = False
+
+    # -- the leader's side -------------------------------------------------------------
+
+    def start(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        total: int,
+        body: AsyncIterator[bytes],
+        *,
+        digest: str,
+        algorithm: str | None,
+        detach_on_break: bool,
+        on_end: Callable[[SharedFetch], None] | None = None,
+        close: Callable[[], object] | None = None,
+    ) -> Reader:
+        """Share ``body`` (a whole blob of ``total`` bytes); returns the leader's reader.
+
+        ``algorithm`` None: the bytes are not checked (``verify_blobs = false``, or an
+        algorithm the gateway cannot hash). ``close`` releases the upstream response.
+        ``on_end`` is called once, when the upstream body has ended (for the relay's counts).
+        """
+        self.headers = headers
+        self.total = total
+        self._digest = digest
+        self._hasher = StreamHasher(algorithm, marks=True) if algorithm is not None else None
+        self.detach_on_break = detach_on_break
+        self._on_end = on_end
+        self.shared = True
+        reader = self._attach(0, total)
+        self._task = asyncio.get_running_loop().create_task(self._produce(body, close))
+        self.ready.set()
+        return reader
+
+    def abandon(self) -> None:
+        """The leader's answer is not shared (an error, a redirect passed on, no length, no room)."""
+        if not self.ready.is_set():
+            self.ready.set()
+            self.board._forget(self)
+
+    # -- the joiners' side -------------------------------------------------------------
+
+    def holds(self, position: int) -> bool:
+        """Whether a reader starting at ``position`` can be fed from this fetch now."""
+        if not self.shared or self.error is not None or self._task is None:
+            return False
+        if self._task.done() and not self.done:
+            return False  # cancelled: its last reader left
+        return self.base <= position < self.total and bool(self.readers)
+
+    def join(self, start: int, end: int) -> Reader:
+        return self._attach(start, end)
+
+    async def read(self, reader: Reader, own: Continue) -> AsyncIterator[bytes]:
+        """``reader``'s bytes: from the window while it keeps up, then from ``own(resume)``.
+
+        Ends cleanly only at ``reader.end``; raises (``DigestMismatch``, ``FetchBroken``)
+        when the shared body failed and the reader cannot go on alone.
+        """
+        try:
+            while True:
+                if reader.resume is not None:
+                    break
+                position = reader.position
+                if position >= reader.end:
+                    return
+                if position < self.produced:
+                    piece = self._piece(position, reader.end)
+                    reader.position += len(piece)
+                    if not self._room.is_set() and reader.position + READAHEAD > self.produced:
+                        self._room.set()
+                    yield piece
+                    continue
+                if self.error is not None:
+                    if self.detach_on_break and not isinstance(self.error, DigestMismatch):
+                        self._detach(reader, "upstream_broke")
+                        break
+                    if isinstance(self.error, DigestMismatch):
+                        raise DigestMismatch(self.error.expected, self.error.actual)
+                    raise FetchBroken(f"the shared upstream body broke: {type(self.error).__name__}")
+                if self.done:
+                    return  # produced == total: nothing more will come
+                more = self._more
+                await more.wait()
+        finally:
+            self._leave(reader)
+        assert reader.resume is not None
+        async for chunk in own(reader.resume):
+            yield chunk
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _attach(self, start: int, end: int) -> Reader:
+        reader = Reader(start, end)
+        self.readers.add(reader)
+        return reader
+
+    def _leave(self, reader: Reader) -> None:
+        self.readers.discard(reader)
+        if self.readers:
+            return
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # nobody left to read: the upstream response is closed
+        self._free()
+
+    def _free(self) -> None:
+        """Drop the window (its memory goes back to the board) and stop being joinable."""
+        if self._freed:
+            return
+        self._freed = True
+        self.board._forget(self)
+        self.board._release(self)
+        self._starts.clear()
+        self._chunks.clear()
+        self._first = 0
+        self.base = self.produced
+
+    def _piece(self, position: int, end: int) -> bytes:
+        index = bisect.bisect_right(self._starts, position, self._first) - 1
+        start = self._starts[index]
+        chunk = self._chunks[index]
+        stop = start + len(chunk)
+        if position == start and stop <= end:
+            return chunk  # the common case: the same object for every reader, no copy
+        return chunk[position - start : min(stop, end) - start]
+
+    def _front(self) -> int:
+        return max((r.position for r in self.readers), default=self.produced)
+
+    async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
+        try:
+            await self._pump(body)
+            self.done = True
+        except asyncio.CancelledError:
+            self.error = FetchBroken("no reader left")
+            raise
+        except Exception as exc:
+            # Told to every reader (``read``); the relay logs it per request.
+            self.error = exc
+        finally:
+            await self._finish(close)
+
+    async def _pump(self, body: AsyncIterator[bytes]) -> None:
+        """Read the upstream body into the window, checked, never far ahead of the fastest reader."""
+        hasher = self._hasher
+        held: bytes | None = None
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                if hasher is not None:
+                    await hasher.feed(chunk)
+                if held is not None:
+                    self._append(held)
+                held = chunk
+                while self.readers and self.produced - self._front() >= READAHEAD:
+                    self._room.clear()
+                    await self._room.wait()
+            if hasher is not None:
+                self.actual = await hasher.hexdigest()
+                if self.actual != self._digest:
+                    raise DigestMismatch(self._digest, self.actual)
+        finally:
+            if hasher is not None:
+                await hasher.aclose()
+        if self.produced + (len(held) if held else 0) != self.total:
+            raise FetchBroken(f"the upstream body ended at {self.produced} of {self.total} bytes")
+        if held is not None:
+            self._append(held)  # the last chunk, only now that the digest matched
+
+    async def _finish(self, close: Callable[[], object] | None) -> None:
+        self._wake()
+        if not self.done:
+            self.board._forget(self)  # a complete window stays joinable while its readers drain
+        if close is not None:
+            with contextlib.suppress(Exception):
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+        if self._on_end is not None:
+            self._on_end(self)
+        if not self.readers:
+            self._free()
+
+    def _append(self, chunk: bytes) -> None:
+        self._starts.append(self.produced)
+        self._chunks.append(chunk)
+        self.produced += len(chunk)
+        self.board._held(len(chunk))
+        self._evict()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    def _evict(self) -> None:
+        limit = self.produced - self.window
+        if limit <= self.base:
+            return
+        target = limit
+        hasher = self._hasher
+        if hasher is not None:
+            # Only down to a mark: a reader detached later needs the hash state at a mark
+            # at or below its offset, and the bytes from there on.
+            hasher.collect()
+            marks = hasher.marks
+            assert marks is not None
+            below = bisect.bisect_right(marks, limit, key=lambda m: m[0]) - 1
+            target = marks[below][0] if below >= 0 else self.base
+            if target <= self.base:
+                return
+        for reader in [r for r in self.readers if r.position < target]:
+            self._detach(reader, "slow")
+        dropped = 0
+        while self._first < len(self._chunks) and self._starts[self._first] + len(self._chunks[self._first]) <= target:
+            dropped += len(self._chunks[self._first])
+            self._first += 1
+        if dropped:
+            self.base = self._starts[self._first] if self._first < len(self._starts) else self.produced
+            self.board._held(-dropped)
+        if hasher is not None and hasher.marks is not None:
+            keep = bisect.bisect_right(hasher.marks, self.base, key=lambda m: m[0]) - 1
+            if keep > 0:
+                del hasher.marks[:keep]
+        if self._first >= _COMPACT_AFTER:
+            del self._starts[: self._first]
+            del self._chunks[: self._first]
+            self._first = 0
+
+    def _detach(self, reader: Reader, reason: str) -> None:
+        """``reader`` goes on alone from its offset, with the hash state and bytes it needs."""
+        position = reader.position
+        resume = Resume(position, reason)
+        hasher = self._hasher
+        if hasher is not None:
+            hasher.collect()
+            marks = hasher.marks
+            assert marks is not None
+            below = bisect.bisect_right(marks, position, key=lambda m: m[0]) - 1
+            mark_offset, state = marks[below]
+            resume.hasher = StreamHasher(hasher.algorithm, state=state.copy(), fed=mark_offset)
+            offset = mark_offset
+            while offset < position:
+                piece = self._piece(offset, position)
+                resume.prefix.append(piece)
+                offset += len(piece)
+        reader.resume = resume
+        self.readers.discard(reader)
+        self._wake()
+
+
+class Board:
+    """The shared fetches of one process, by key, and the memory their windows may use."""
+
+    def __init__(self, window: int, memory: int, on_held: Callable[[int], None] | None = None) -> None:
+        self.window = window
+        self.memory = memory
+        self._on_held = on_held
+        self._fetches: dict[Key, SharedFetch] = {}
+        self._reserved = 0
+        self.held = 0  # bytes in all windows now (the gauge)
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0 and self.memory > 0
+
+    def current(self, key: Key) -> SharedFetch | None:
+        """The newest fetch of ``key``: being opened (``ready`` not set) or streaming."""
+        return self._fetches.get(key)
+
+    def lead(self, key: Key) -> SharedFetch:
+        """A new fetch of ``key`` that the caller opens; later requests find it (and wait for it)."""
+        fetch = SharedFetch(self, key)
+        self._fetches[key] = fetch
+        return fetch
+
+    def reserve(self, fetch: SharedFetch, size: int) -> bool:
+        """Room for ``fetch``'s window (at most ``size`` bytes), or False once the cap is reached."""
+        wanted = min(size, self.window + (1 << 20))
+        if self._reserved + wanted > self.memory:
+            return False
+        fetch.reserved = wanted
+        self._reserved += wanted
+        return True
+
+    def in_flight(self) -> int:
+        return sum(1 for f in self._fetches.values() if f.shared)
+
+    def _forget(self, fetch: SharedFetch) -> None:
+        if self._fetches.get(fetch.key) is fetch:
+            del self._fetches[fetch.key]
+
+    def _release(self, fetch: SharedFetch) -> None:
+        self._reserved -= fetch.reserved
+        fetch.reserved = 0
+        held = fetch.produced - fetch.base if fetch._chunks else 0
+        if held:
+            self._held(-held)
+
+    def _held(self, delta: int) -> None:
+        self.held += delta
+        if self._on_held is not None:
+            self._on_held(delta)
+
+
+def permit_key(authorization: str, route: str, repository: str) -> tuple[str, str, str]:
+    """What a passthrough client's proven access is remembered by (never the token itself)."""
+    return (hashlib.sha256(authorization.encode()).hexdigest(), route, repository)
