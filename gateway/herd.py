@@ -337,6 +337,7 @@ class SharedFetch:
         dropped = 0
         while self._first < len(self._chunks) and self._starts[self._first] + len(self._chunks[self._first]) <= target:
             dropped += len(self._chunks[self._first])
+            self._chunks[self._first] = b""  # freed now, not at the next compaction
             self._first += 1
         if dropped:
             self.base = self._starts[self._first] if self._first < len(self._starts) else self.produced
