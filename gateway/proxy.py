@@ -83,7 +83,7 @@ from gateway.request_rules import (
     upstream_headers,
     upstream_query,
 )
-from gateway.resume import Segment
+from gateway.resume import Segment, single_range
 from gateway.routes import RequestFacts, RouteTable, Target
 from gateway.upstream import Opened, UpstreamClient
 from gateway.upstream_errors import BODY, upstream_errors
@@ -455,15 +455,38 @@ class Relay:
 
     @staticmethod
     def _shareable(ex: Exchange) -> bool:
-        """A whole blob GET by digest, with nothing that makes its answer its own."""
+        """A blob GET by digest, whole or one range, with no condition that makes its answer its own."""
         if ex.head or ex.api.kind is not Kind.BLOB or not is_digest(ex.api.reference):
             return False
-        own = (b"range", b"if-none-match", b"if-match", b"if-modified-since", b"if-unmodified-since", b"if-range")
+        own = (b"if-none-match", b"if-match", b"if-modified-since", b"if-unmodified-since", b"if-range")
         return not any(k in own for k, _ in ex.scope["headers"])
+
+    async def _shared_range(self, ex: Exchange, query: str, value: str) -> None:
+        """A client's range inside a shared fetch's window is served from it; anything else goes upstream."""
+        assert self.board is not None
+        fetch = self.board.current((ex.route_name, ex.target.upstream_name, ex.api.reference))
+        wanted = single_range(value, fetch.total) if fetch is not None and fetch.ready.is_set() else None
+        if fetch is None or wanted is None or not fetch.holds(wanted[0]) or not await self._may_join(ex):
+            await self._from_upstream(ex, query)
+            return
+        first, last = wanted
+        if not fetch.holds(first):
+            await self._from_upstream(ex, query)
+            return
+        reader = fetch.join(first, last + 1)
+        ex.record.share = "joined"
+        headers = [(k, v) for k, v in fetch.headers if k != b"content-length"]
+        headers.append((b"content-range", f"bytes {first}-{last}/{fetch.total}".encode()))
+        headers.append((b"content-length", str(last - first + 1).encode()))
+        await self._send_shared(ex, fetch, reader, headers, 206)
 
     async def _shared(self, ex: Exchange, query: str) -> None:
         """Join the blob's shared fetch when it still holds the first byte, else open one for others."""
         assert self.board is not None
+        ranges = [v for k, v in ex.scope["headers"] if k == b"range"]
+        if ranges:
+            await self._shared_range(ex, query, ranges[0].decode("latin-1") if len(ranges) == 1 else "")
+            return
         key: herd.Key = (ex.route_name, ex.target.upstream_name, ex.api.reference)
         client = self.clients[ex.route_name]
         fetch = self.board.current(key)

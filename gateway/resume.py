@@ -52,6 +52,22 @@ def parse_content_range(value: str) -> Segment | None:
     return Segment(first, last, complete)
 
 
+_RANGE_RE = re.compile(r"bytes=(\d{1,18})-(\d{0,18})\Z")
+
+
+def single_range(value: str, total: int) -> tuple[int, int] | None:
+    """``Range: bytes=first-[last]`` (RFC 9110 14.1.2) as ``(first, last)`` inside a blob of
+    ``total`` bytes; None for anything else (suffix ranges, several ranges, unsatisfiable)."""
+    match = _RANGE_RE.match(value.strip())
+    if match is None:
+        return None
+    first = int(match[1])
+    last = int(match[2]) if match[2] else total - 1
+    if first >= total or last < first:
+        return None
+    return first, min(last, total - 1)
+
+
 def segment_of(status: int, headers: httpx.Headers) -> Segment | None:
     """What a blob answer carries, when it can be resumed: a 200 with a length, or a 206 with its range."""
     if status == 200:

@@ -1,0 +1,252 @@
+"""The shared fetch mechanism (``gateway/herd.py``) on its own: windows, detaches, checks, lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway import herd
+from gateway.blob_check import DigestMismatch
+
+CHUNK = 64 << 10
+
+
+def blob(size: int) -> bytes:
+    return bytes((i * 7 + i // 251) % 256 for i in range(size))
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Upstream:
+    """An upstream body: counts what was read, can pause at an offset, break, or flip a byte."""
+
+    def __init__(self, data: bytes, *, break_at: int | None = None, flip_at: int | None = None) -> None:
+        self.data = bytearray(data)
+        if flip_at is not None:
+            self.data[flip_at] ^= 0xFF
+        self.break_at = break_at
+        self.read = 0
+        self.closed = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self.data), CHUNK):
+            await self.gate.wait()
+            if self.break_at is not None and start >= self.break_at:
+                raise ConnectionResetError("reset by the test")
+            piece = bytes(self.data[start : start + CHUNK])
+            self.read += len(piece)
+            yield piece
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def drain(chunks: AsyncIterator[bytes], *, pause: float = 0.0) -> bytes:
+    out = bytearray()
+    async for chunk in chunks:
+        out += chunk
+        if pause:
+            await asyncio.sleep(pause)
+    return bytes(out)
+
+
+def no_own(resume: herd.Resume) -> AsyncIterator[bytes]:
+    raise AssertionError(f"unexpected detach at {resume.position} ({resume.reason})")
+
+
+def start(
+    board: herd.Board, up: Upstream, data: bytes, *, verify: bool = True, detach_on_break: bool = False
+) -> tuple[herd.SharedFetch, herd.Reader]:
+    fetch = board.lead(("r", "repo", digest_of(data)))
+    assert board.reserve(fetch, len(data))
+    reader = fetch.start(
+        [],
+        len(data),
+        up.body(),
+        digest=digest_of(data),
+        algorithm="sha256" if verify else None,
+        detach_on_break=detach_on_break,
+        close=up.close,
+    )
+    return fetch, reader
+
+
+async def test_every_reader_gets_the_bytes_of_one_upstream_read() -> None:
+    data = blob(3 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data)
+    fetch, first = start(board, up, data)
+    readers = [first] + [fetch.join(0, len(data)) for _ in range(7)]
+    results = await asyncio.gather(*(drain(fetch.read(r, no_own)) for r in readers))
+    assert all(r == data for r in results)
+    assert up.read == len(data)
+    assert up.closed
+    assert fetch.actual == digest_of(data)
+    assert board.held == 0
+    assert board.current(fetch.key) is None
+
+
+async def test_a_reader_a_window_behind_is_detached_and_checks_its_own_rest() -> None:
+    data = blob(6 << 20)
+    window = 1 << 20
+    board = herd.Board(window=window, memory=64 << 20)
+    up = Upstream(data)
+    fetch, fast = start(board, up, data)
+    slow = fetch.join(0, len(data))
+    seen: list[herd.Resume] = []
+
+    async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        # What the relay does: its own request for the rest, checked from the handed-over state.
+        seen.append(resume)
+        assert resume.hasher is not None
+        for piece in resume.prefix:
+            await resume.hasher.feed(piece)
+        await resume.hasher.feed(data[resume.position :])
+        assert await resume.hasher.hexdigest() == digest_of(data)
+        yield data[resume.position :]
+
+    fast_bytes, slow_bytes = await asyncio.gather(
+        drain(fetch.read(fast, no_own)), drain(fetch.read(slow, own), pause=0.002)
+    )
+    assert fast_bytes == data
+    assert slow_bytes == data
+    assert len(seen) == 1
+    assert seen[0].reason == "slow"
+    assert 0 < seen[0].position < len(data) - window
+    assert up.read == len(data)  # the slow reader's rest came from its own request, not the fetch
+
+
+async def test_the_window_stays_bounded_whatever_the_readers_do() -> None:
+    data = blob(8 << 20)
+    window = 1 << 20
+    board = herd.Board(window=window, memory=64 << 20)
+    peak = 0
+
+    def held(delta: int) -> None:
+        nonlocal peak
+        peak = max(peak, board.held)
+
+    board._on_held = held
+    up = Upstream(data)
+    fetch, fast = start(board, up, data)
+    stuck = fetch.join(0, len(data))
+
+    async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        yield data[resume.position :]
+
+    async def never_reads() -> bytes:
+        chunks = fetch.read(stuck, own)
+        first = await anext(chunks)
+        await asyncio.sleep(0.2)  # a client that stopped reading
+        return first + await drain(chunks)
+
+    fast_bytes, stuck_bytes = await asyncio.gather(drain(fetch.read(fast, no_own)), never_reads())
+    assert fast_bytes == data
+    assert stuck_bytes == data
+    # A window, plus the bytes since the hash's last mark and one chunk: never the blob.
+    assert peak <= window + (2 << 20)
+
+
+async def test_wrong_bytes_reach_no_reader_whole() -> None:
+    data = blob(2 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data, flip_at=len(data) - 10)
+    fetch, first = start(board, up, data)
+    second = fetch.join(0, len(data))
+    got: list[int] = []
+
+    async def read(reader: herd.Reader) -> None:
+        count = 0
+        with pytest.raises(DigestMismatch):
+            async for chunk in fetch.read(reader, no_own):
+                count += len(chunk)
+        got.append(count)
+
+    await asyncio.gather(read(first), read(second))
+    assert all(count < len(data) for count in got)  # the last chunk was held back from both
+    assert isinstance(fetch.error, DigestMismatch)
+    assert board.current(fetch.key) is None  # not joinable any more
+
+
+async def test_a_break_fails_every_reader_of_a_gateway_fetch() -> None:
+    data = blob(2 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data, break_at=1 << 20)
+    fetch, first = start(board, up, data)
+    second = fetch.join(0, len(data))
+    for reader in (first, second):
+        with pytest.raises(herd.FetchBroken):
+            await drain(fetch.read(reader, no_own))
+
+
+async def test_a_break_of_a_passthrough_fetch_sends_every_reader_on_alone() -> None:
+    data = blob(2 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data, break_at=1 << 20)
+    fetch, first = start(board, up, data, detach_on_break=True)
+    second = fetch.join(0, len(data))
+    reasons: list[str] = []
+
+    async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        reasons.append(resume.reason)
+        yield data[resume.position :]
+
+    results = await asyncio.gather(drain(fetch.read(first, own)), drain(fetch.read(second, own)))
+    assert results == [data, data]
+    assert reasons == ["upstream_broke", "upstream_broke"]
+
+
+async def test_the_last_reader_leaving_closes_the_upstream() -> None:
+    data = blob(4 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data)
+    fetch, first = start(board, up, data)
+    second = fetch.join(0, len(data))
+    one = fetch.read(first, no_own)
+    two = fetch.read(second, no_own)
+    await anext(one)
+    await anext(two)
+    up.gate.clear()  # the upstream stalls mid-body
+    await one.aclose()  # the leader goes away: the fetch goes on for the other
+    assert not up.closed
+    assert fetch.holds(0)
+    await two.aclose()
+    await asyncio.sleep(0.01)
+    assert up.closed
+    assert board.current(fetch.key) is None
+    assert board.held == 0
+
+
+async def test_a_joiner_starts_where_the_window_still_holds() -> None:
+    data = blob(4 << 20)
+    board = herd.Board(window=1 << 20, memory=64 << 20)
+    up = Upstream(data)
+    fetch, first = start(board, up, data, verify=False)
+    chunks = fetch.read(first, no_own)
+    got = bytearray()
+    while len(got) < (3 << 20):
+        got += await anext(chunks)
+    assert not fetch.holds(0)  # the head left the window: a new client starts a new fetch
+    assert fetch.holds(len(got) - 1000)
+    tail = fetch.join(len(got) - 1000, len(got) + 5000)  # a range inside the window
+    part = await drain(fetch.read(tail, no_own))
+    assert part == data[len(got) - 1000 : len(got) + 5000]
+    got += await drain(chunks)
+    assert bytes(got) == data
+
+
+async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
+    board = herd.Board(window=8 << 20, memory=12 << 20)
+    first = board.lead(("r", "a", "sha256:a"))
+    second = board.lead(("r", "b", "sha256:b"))
+    assert board.reserve(first, 100 << 20)
+    assert not board.reserve(second, 100 << 20)  # would pass the cap: relayed alone
+    assert board.reserve(second, 1 << 20)  # a small blob still fits
