@@ -37,7 +37,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.blob_check import DigestMismatch, StreamHasher
@@ -173,7 +173,7 @@ class SharedFetch:
     def join(self, start: int, end: int) -> Reader:
         return self._attach(start, end)
 
-    async def read(self, reader: Reader, own: Continue) -> AsyncIterator[bytes]:
+    async def read(self, reader: Reader, own: Continue) -> AsyncGenerator[bytes, None]:
         """``reader``'s bytes: from the window while it keeps up, then from ``own(resume)``.
 
         Ends cleanly only at ``reader.end``; raises (``DigestMismatch``, ``FetchBroken``)

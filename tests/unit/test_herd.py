@@ -165,9 +165,13 @@ async def test_wrong_bytes_reach_no_reader_whole() -> None:
 
     async def read(reader: herd.Reader) -> None:
         count = 0
-        with pytest.raises(DigestMismatch):
-            async for chunk in fetch.read(reader, no_own):
-                count += len(chunk)
+        chunks = fetch.read(reader, no_own)
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except DigestMismatch:
+                break
+            count += len(chunk)
         got.append(count)
 
     await asyncio.gather(read(first), read(second))
@@ -200,7 +204,7 @@ async def test_a_break_of_a_passthrough_fetch_sends_every_reader_on_alone() -> N
         yield data[resume.position :]
 
     results = await asyncio.gather(drain(fetch.read(first, own)), drain(fetch.read(second, own)))
-    assert results == [data, data]
+    assert list(results) == [data, data]
     assert reasons == ["upstream_broke", "upstream_broke"]
 
 
