@@ -1,9 +1,10 @@
 """A real nginx, configured from deploy/nginx/registry-gateway.conf, with a test PKI.
 
 ``render_site`` turns the shipped site into a test site by a fixed list of substitutions
-(ports, certificate paths, log path, domain) and fails if one of them no longer matches
-exactly as often as expected, so the tests keep running the file that is shipped, not a
-copy that drifts. ``run_nginx`` runs it in the foreground as a child process with its own
+(ports, certificate paths, log path, domain; the one upstream ``server`` line becomes one line
+per test gateway, the way the site's comment adds replicas) and fails if one of them no longer
+matches exactly as often as expected, so the tests keep running the file that is shipped, not
+a copy that drifts. ``run_nginx`` runs it in the foreground as a child process with its own
 prefix, pid, temp and log paths.
 """
 
@@ -17,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,10 +144,17 @@ def _substitute(text: str, old: str, new: str, count: int, source: Path) -> str:
     return text.replace(old, new)
 
 
+def upstream_servers(upstream_port: int | Sequence[int]) -> str:
+    """The upstream block's server lines for one port or several (one gateway replica each)."""
+    ports = [upstream_port] if isinstance(upstream_port, int) else list(upstream_port)
+    assert ports, "at least one upstream server"
+    return "\n    ".join(f"server 127.0.0.1:{port};" for port in ports)
+
+
 def render_site(
     source: Path,
     *,
-    upstream_port: int,
+    upstream_port: int | Sequence[int],
     https_port: int,
     http_port: int,
     cert: Path,
@@ -156,6 +164,7 @@ def render_site(
     """The shipped site with only test-specific values changed: loopback ports, the test PKI, the test domain.
 
     IPv6 listeners are dropped (the test listens on 127.0.0.1 only); every other line is kept.
+    ``upstream_port`` may list several ports: one ``server`` line each, in that order.
     """
     text = source.read_text()
     cert_path, key_path = (
@@ -163,7 +172,7 @@ def render_site(
         if source == SITE
         else ("/etc/nginx/certs/fullchain.pem", "/etc/nginx/certs/privkey.pem")
     )
-    text = _substitute(text, "server 127.0.0.1:5000;", f"server 127.0.0.1:{upstream_port};", 1, source)
+    text = _substitute(text, "server 127.0.0.1:5000;", upstream_servers(upstream_port), 1, source)
     text = _substitute(text, "listen 80;", f"listen 127.0.0.1:{http_port};", 1, source)
     text = _substitute(text, "listen 443 ssl http2;", f"listen 127.0.0.1:{https_port} ssl http2;", 1, source)
     text = _substitute(text, f"{cert_path};", f"{cert};", 1, source)
@@ -217,7 +226,7 @@ class Nginx:
         return self.access_log.read_text(errors="replace").splitlines() if self.access_log.exists() else []
 
 
-def write_config(workdir: Path, source: Path, *, upstream_port: int, pki: Pki) -> tuple[Path, int, int]:
+def write_config(workdir: Path, source: Path, *, upstream_port: int | Sequence[int], pki: Pki) -> tuple[Path, int, int]:
     """Write site.conf and nginx.conf into ``workdir``; returns (nginx.conf, https port, http port)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -265,7 +274,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], error_log: Path, ti
 
 
 @contextlib.contextmanager
-def run_nginx(workdir: Path, *, upstream_port: int, pki: Pki, source: Path = SITE) -> Iterator[Nginx]:
+def run_nginx(workdir: Path, *, upstream_port: int | Sequence[int], pki: Pki, source: Path = SITE) -> Iterator[Nginx]:
     """nginx in the foreground with ``source`` rendered for the test, until the block ends."""
     conf, https_port, http_port = write_config(workdir, source, upstream_port=upstream_port, pki=pki)
     error_log = workdir / "error.log"

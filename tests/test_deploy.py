@@ -491,6 +491,14 @@ def test_ingress(base):
     assert seconds(notes[prefix + "proxy-read-timeout"]) == seconds(site["proxy_read_timeout"][0]) >= 600
     assert seconds(notes[prefix + "proxy-send-timeout"]) == seconds(site["proxy_send_timeout"][0]) >= 600
     assert notes[prefix + "proxy-buffer-size"] == site["proxy_buffer_size"][0]
+    # One blob, one pod: the same consistent hash on the same key as the nginx site, onto single
+    # pods (no subsets), over the pods' own endpoints (not the Service's one address).
+    key, consistent = site["hash"][0].split()
+    assert consistent == "consistent"
+    assert notes[prefix + "upstream-hash-by"] == key == "$uri"
+    assert not any(name.startswith(prefix + "upstream-hash-by-") for name in notes)
+    assert prefix + "service-upstream" not in notes
+    assert prefix + "load-balance" not in notes
 
 
 def test_deployment_settings_are_real_and_valid(base, monkeypatch):
@@ -784,9 +792,79 @@ def test_site_has_the_streaming_directives():
     assert d["proxy_pass"] == ["http://registry_gateway"]
     assert d["keepalive"] == ["64"]
     assert d["server"] == ["127.0.0.1:5000"]
+    assert d["hash"] == ["$uri consistent"]
     assert sorted(d["listen"]) == sorted(["80", "[::]:80", "443 ssl http2", "[::]:443 ssl http2"])
     assert d["return"] == ["301 https://$host$request_uri", "404"]
     assert sum("CHANGE-ME" in line for line in SITE.read_text().splitlines() if "ssl_certificate" in line) == 2
+
+
+def upstream_block(path: Path) -> list[str]:
+    """The directives of ``upstream registry_gateway { ... }``, in order, comments dropped."""
+    text = re.sub(r"#[^\n]*", "", path.read_text())
+    (body,) = re.findall(r"upstream registry_gateway \{(.*?)\}", text, re.S)
+    return [" ".join(statement.split()) for statement in body.split(";") if statement.strip()]
+
+
+@pytest.mark.parametrize("source", [SITE, COMPOSE_SITE], ids=["host", "compose"])
+def test_upstream_hashes_before_keepalive(source):
+    """One blob, one replica: the upstream block starts with the consistent hash, before keepalive.
+
+    nginx wants any balancing method other than round-robin before ``keepalive``; after it,
+    nginx 1.22 only warns "load balancing method redefined" (test_nginx_accepts_the_site fails
+    on any warning) and reuses no connection.
+    """
+    block = upstream_block(source)
+    assert block[0] == "hash $uri consistent"
+    names = [statement.split()[0] for statement in block]
+    assert names.count("hash") == 1
+    assert names.index("hash") < names.index("keepalive")
+    assert names.index("server") < names.index("keepalive")
+
+
+def replicas_section() -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    start = text.index("\n## Several replicas: one blob, one replica\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_docs_replica_snippets_match_the_shipped_files(tmp_path):
+    """docs/deploy.md's nginx and ingress-nginx snippets are the shipped settings, for several replicas."""
+    section = replicas_section()
+    (nginx_block,) = re.findall(r"```nginx\n(.*?)```", section, re.S)
+    (yaml_block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    snippet = tmp_path / "upstream.conf"
+    snippet.write_text(nginx_block)
+    documented = upstream_block(snippet)
+    # The shipped block, with its one server line as several: one per replica, by address.
+    servers = [s for s in documented if s.startswith("server ")]
+    assert len(servers) >= 2
+    assert len(set(servers)) == len(servers)
+    assert all(re.fullmatch(r"server \d+\.\d+\.\d+\.\d+:5000", s) for s in servers)
+    shipped = upstream_block(SITE)
+    assert [s for s in documented if not s.startswith("server ")] == [s for s in shipped if not s.startswith("server ")]
+    assert documented.index(servers[0]) == shipped.index("server 127.0.0.1:5000")
+    # The annotation is the shipped Ingress's, value for value.
+    notes = yaml.safe_load(yaml_block)["metadata"]["annotations"]
+    shipped_notes = yaml.safe_load((KUBE / "ingress.yaml").read_text())["metadata"]["annotations"]
+    assert notes == {"nginx.ingress.kubernetes.io/upstream-hash-by": "$uri"}
+    assert notes.items() <= shipped_notes.items()
+
+
+def test_docs_replica_snippet_runs_in_the_site(tmp_path):
+    """The documented upstream block, put in the shipped site in place of its own, passes ``nginx -t``."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (scripts/install installs it)")
+    (nginx_block,) = re.findall(r"```nginx\n(.*?)```", replicas_section(), re.S)
+    pki = make_pki(tmp_path / "pki", ["gw.test", "*.gw.test"], ["127.0.0.1"])
+    conf, _, _ = write_config(tmp_path / "nginx", SITE, upstream_port=5000, pki=pki)
+    site = tmp_path / "nginx" / "site.conf"
+    text = site.read_text()
+    (rendered,) = re.findall(r"(?ms)^upstream registry_gateway \{.*?^\}\n", text)
+    site.write_text(text.replace(rendered, nginx_block))
+    proc = check_config(tmp_path / "nginx", conf)
+    assert proc.returncode == 0, proc.stderr
+    assert "[warn]" not in proc.stderr, proc.stderr
 
 
 def test_compose_site_differs_only_as_documented():
