@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"registry-gateway: error: {exc}")
 
     configure_logging(settings.log_level)
+    if settings.token_secret is None and settings.workers > 1:
+        # One secret for every worker, so that a grant one signs another accepts (grants.py).
+        os.environ["GATEWAY_TOKEN_SECRET"] = secrets.token_hex(32)
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ from gateway.budget import BudgetStore
 from gateway.egress import route_transport
 from gateway.errors import UNSUPPORTED, ConfigError, RegistryError
 from gateway.forwarded import ForwardedHeadersMiddleware
+from gateway.grants import Grants
 from gateway.log import AccessLogMiddleware, configure_logging
 from gateway.manifest_cache import ManifestCache
 from gateway.passthrough import TokenRelay
@@ -106,6 +108,9 @@ def worker_app() -> ASGIApp:
 
 def check_settings(settings: Settings, table: RouteTable) -> ClientAuth | None:
     """Settings that contradict the routes raise ConfigError with one line; returns the parsed client logins."""
+    secret = settings.token_secret
+    if secret is not None and len(secret.get_secret_value().encode()) < 32:
+        raise ConfigError("GATEWAY_TOKEN_SECRET must be at least 32 bytes (for example: openssl rand -hex 32)")
     if not settings.client_auth_enabled:
         return None
     for route in table.routes:
@@ -141,7 +146,12 @@ def create_app(
             stale_if_error=settings.manifest_stale_if_error,
         )
     board = herd.Board(settings.shared_window_bytes, settings.shared_memory_bytes, metrics.SHARED_WINDOW_BYTES.inc)
-    relay = Relay(table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets, board=board)
+    # Without a configured secret each process signs with its own (``__main__`` gives its workers one).
+    secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
+    grants = Grants(secret)
+    relay = Relay(
+        table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets, board=board, grants=grants
+    )
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -180,7 +190,7 @@ def create_app(
         lifespan=lifespan,
     )
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
-    inner: ASGIApp = App(relay, TokenRelay(table, clients), other)
+    inner: ASGIApp = App(relay, TokenRelay(table, clients, grants), other)
     if auth is not None or limiter is not None:
         inner = AccessControl(inner, limiter=limiter, auth=auth)
     if tracing.configure(provider=tracer_provider):

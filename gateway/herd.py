@@ -270,11 +270,13 @@ class SharedFetch:
             async for chunk in body:
                 if not chunk:
                     continue
-                if hasher is not None:
+                if hasher is None:
+                    self._append(chunk)  # unchecked: nothing to hold back
+                else:
                     await hasher.feed(chunk)
-                if held is not None:
-                    self._append(held)
-                held = chunk
+                    if held is not None:
+                        self._append(held)
+                    held = chunk
                 while self.readers and self.produced - self._front() >= READAHEAD:
                     self._room.clear()
                     await self._room.wait()

@@ -42,9 +42,10 @@ import httpx
 
 from gateway.asgi import JSON_CONTENT_TYPE, Receive, Scope, Send, header_value, send_body, send_error
 from gateway.errors import TOOMANYREQUESTS, UNAUTHORIZED, UNAVAILABLE, UNSUPPORTED, RegistryError
+from gateway.grants import Grants
 from gateway.log import record_of
 from gateway.reference import TOKEN_PATH
-from gateway.routes import Route, RouteTable
+from gateway.routes import RequestFacts, Route, RouteTable, Target
 from gateway.tokens import Params, token_request
 from gateway.upstream import UpstreamClient
 
@@ -59,6 +60,8 @@ OAUTH_SECRETS = ("grant_type", "username", "password", "refresh_token")
 OAUTH_OTHERS = ("client_id", "access_type")
 # RFC 6749 5.2: the grant or the client was refused, i.e. the credentials were.
 REFUSED_GRANTS = ("invalid_grant", "invalid_client", "unauthorized_client")
+# RFC 6749 5.1: a token answer (a refresh_token too) is not to be stored by anyone on the way.
+NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
 
 
 def realm_for(scope: Scope) -> str:
@@ -89,9 +92,11 @@ def rewrite_scope(table: RouteTable, route: Route, scope: str) -> str | None:
 class TokenRelay:
     """The gateway's token endpoint for passthrough routes: the GET form and the OAuth2 POST form."""
 
-    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient]) -> None:
+    def __init__(self, table: RouteTable, clients: Mapping[str, UpstreamClient], grants: Grants | None = None) -> None:
         self.table = table
         self.clients = clients
+        # The gateway's own tokens on hosts several routes share (``grants.py``); None: not used.
+        self.grants = grants
         # The form names its route (``service``), so it is read within the longest token deadline.
         self._form_deadline = max((c.timeouts.token for c in clients.values()), default=30.0)
 
@@ -114,8 +119,22 @@ class TokenRelay:
             raise RegistryError(
                 405, UNSUPPORTED, "the token endpoint answers GET and POST", headers={"Allow": "GET, POST"}
             )
+        host = header_value(scope, b"host")
+        if self.grants is not None and self.table.shared_host_passthrough and self.table.route_for_host(host) is None:
+            await self._shared_host(scope, send, method, params, host)
+            return
         route = self._route_for(scope, params)
         record_of(scope).route = route.name
+        scopes = [
+            r for k, v in params if k == "scope" for one in v.split(" ") if (r := rewrite_scope(self.table, route, one))
+        ]
+        body = await self._ask_upstream(scope, method, route, params, scopes)
+        await send_body(send, 200, [JSON_CONTENT_TYPE, *NO_STORE], body)
+
+    async def _ask_upstream(
+        self, scope: Scope, method: str, route: Route, params: list[tuple[str, str]], scopes: list[str]
+    ) -> bytes:
+        """The request relayed to ``route``'s upstream realm with the client's credentials; its 200 body."""
         client = self.clients[route.name]
         challenge = await client.upstream_challenge()
         headers = {"accept": "application/json", "accept-encoding": "identity"}
@@ -127,7 +146,7 @@ class TokenRelay:
             headers["authorization"] = authorization
         assert challenge.realm is not None
         if method == "POST":
-            form = self._upstream_form(route, challenge.service, params)
+            form = self._upstream_form(challenge.service, params, scopes)
             headers["content-type"] = FORM_CONTENT_TYPE
             resp, body = await token_request(
                 client.transport,
@@ -139,16 +158,67 @@ class TokenRelay:
                 content=urlencode(form).encode("ascii"),
             )
         else:
-            forward = self._upstream_params(route, challenge.service, params)
+            forward = self._upstream_params(challenge.service, params, scopes)
             resp, body = await token_request(
                 client.transport, challenge.realm, forward, headers, timeouts=client.timeouts
             )
         if resp.status_code == 200:
-            # RFC 6749 5.1: the answer (a refresh_token too) is not to be stored by anyone on the way.
-            no_store = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-            await send_body(send, 200, [JSON_CONTENT_TYPE, *no_store], body)
-            return
+            return body
         raise self._refusal(route, resp, body, oauth=method == "POST")
+
+    async def _shared_host(
+        self, scope: Scope, send: Send, method: str, params: list[tuple[str, str]], host: str | None
+    ) -> None:
+        """A token request on a host several routes share: answered with a grant (``grants.py``).
+
+        Each scope's route is worked out from its repository name as the relay would (prefix,
+        ``ns`` named by ``service``, default route, ``library/``). The scopes of one passthrough
+        route are relayed to its upstream with the client's credentials and the upstream's token
+        goes inside the grant; scopes of other routes need no upstream token: the grant alone
+        admits them. A request with no scope and credentials (``docker login``) is checked at the
+        login route (``login_route``)."""
+        assert self.grants is not None
+        service = next((v for k, v in params if k == "service"), "")
+        ns = service if self.table.by_name(service) is not None else None
+        targets: list[Target] = []
+        for key, value in params:
+            if key != "scope":
+                continue
+            for one in value.split(" "):
+                kind, _, rest = one.partition(":")
+                name, sep, _actions = rest.rpartition(":")
+                if kind != "repository" or not sep or not name:
+                    continue  # registry:catalog:* and the like: a mirror grants none
+                try:
+                    targets.append(self.table.resolve(RequestFacts(host, name, ns)))
+                except RegistryError:
+                    continue  # no route, or the policy refuses it: the request itself will say so
+        relayed = next((t.route for t in targets if t.route.auth.uses_client_logins), None)
+        if relayed is None and not targets and header_value(scope, b"authorization") is not None:
+            relayed = self.table.login_route  # docker login: check the credentials where they belong
+        doc: dict[str, object] = {}
+        if relayed is not None:
+            record_of(scope).route = relayed.name
+            scopes = [f"repository:{t.upstream_name}:pull" for t in targets if t.route is relayed]
+            body = await self._ask_upstream(scope, method, relayed, params, list(dict.fromkeys(scopes)))
+            doc = _json_object(body)
+        routes = [relayed.name] if relayed is not None else []
+        routes += [t.route.name for t in targets if not t.route.auth.uses_client_logins]
+        upstream_token = doc.get("token") or doc.get("access_token")
+        if relayed is not None and not isinstance(upstream_token, str):
+            raise RegistryError(502, UNAVAILABLE, f"the token endpoint of {relayed.name} answered without a token")
+        expires_in = doc.get("expires_in")
+        grant, ttl = self.grants.mint(
+            routes,
+            upstream_token if isinstance(upstream_token, str) else None,
+            expires_in if isinstance(expires_in, int) and not isinstance(expires_in, bool) else None,
+        )
+        answer: dict[str, object] = {"token": grant, "access_token": grant, "expires_in": ttl}
+        if isinstance(doc.get("issued_at"), str):
+            answer["issued_at"] = doc["issued_at"]
+        if isinstance(doc.get("refresh_token"), str):
+            answer["refresh_token"] = doc["refresh_token"]  # the upstream's: refreshed through us, at it
+        await send_body(send, 200, [JSON_CONTENT_TYPE, *NO_STORE], json.dumps(answer).encode())
 
     @staticmethod
     def _refusal(route: Route, resp: httpx.Response, body: bytes, *, oauth: bool) -> RegistryError:
@@ -214,21 +284,19 @@ class TokenRelay:
             raise RegistryError(404, UNSUPPORTED, f"no route passes logins through for service {service[:100]!r}")
         return route
 
-    def _upstream_params(self, route: Route, service: str | None, params: list[tuple[str, str]]) -> Params:
+    @staticmethod
+    def _upstream_params(service: str | None, params: list[tuple[str, str]], scopes: list[str]) -> Params:
         forward: Params = []
         if service:
             forward.append(("service", service))
+        forward.extend(("scope", one) for one in scopes)
         for key, value in params:
-            if key == "scope":
-                for one in value.split(" "):
-                    rewritten = rewrite_scope(self.table, route, one)
-                    if rewritten is not None:
-                        forward.append(("scope", rewritten))
-            elif key in ("account", "offline_token", "client_id"):
+            if key in ("account", "offline_token", "client_id"):
                 forward.append((key, value[:256]))
         return forward
 
-    def _upstream_form(self, route: Route, service: str | None, params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    @staticmethod
+    def _upstream_form(service: str | None, params: list[tuple[str, str]], scopes: list[str]) -> list[tuple[str, str]]:
         """The OAuth2 form for the upstream's realm (oauth.md "Getting a token"; RFC 6749 4.3.2, 6).
 
         ``scope``: every requested scope rewritten, one space-delimited value (RFC 6749 3.3);
@@ -238,11 +306,7 @@ class TokenRelay:
         """
         seen: set[str] = set()
         form: list[tuple[str, str]] = []
-        scopes: list[str] = []
         for key, value in params:
-            if key == "scope":
-                scopes.extend(r for one in value.split(" ") if (r := rewrite_scope(self.table, route, one)))
-                continue
             if key in OAUTH_SECRETS or key in OAUTH_OTHERS:
                 if key in seen:
                     raise RegistryError(400, UNSUPPORTED, f"the token request repeats {key}")
@@ -258,6 +322,14 @@ class TokenRelay:
         if scopes:
             form.append(("scope", " ".join(dict.fromkeys(scopes))))
         return form
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _oauth_error(body: bytes) -> str | None:

@@ -62,6 +62,7 @@ from gateway.errors import (
     unsupported_method,
 )
 from gateway.exchange import Exchange
+from gateway.grants import Grants
 from gateway.httputil import (
     ERROR_RESPONSE_HEADERS,
     REDIRECT_STATUSES,
@@ -118,8 +119,11 @@ class Relay:
         blob_resumes: int = 0,
         budgets: budget.BudgetStore | None = None,
         board: herd.Board | None = None,
+        grants: Grants | None = None,
     ) -> None:
         self.table = table
+        # The gateway's own tokens on hosts several routes share (``grants.py``).
+        self.grants = grants
         self.clients = clients
         self.cache = cache
         # The upstreams' pull budgets, per route and credential (``budget.py``).
@@ -176,7 +180,10 @@ class Relay:
         record.route = route.name
         record.repository = target.upstream_name
         authorizer = self.clients[route.name].authorizer
-        login = authorizer.admit(header_value(scope, b"authorization"), target.client_path_name)
+        authorization = header_value(scope, b"authorization")
+        if self._shared_host(scope):
+            authorization = self._shared_host_login(authorization, target)
+        login = authorizer.admit(authorization, target.client_path_name)
         ex = Exchange(scope, receive, send, record, api, target, head=method == "HEAD", login=login)
         if api.kind is Kind.MANIFEST and self.cache is not None and authorizer.shares_answers:
             # Every Accept header counts: Docker sends one per media type, and a client that
@@ -342,9 +349,43 @@ class Relay:
             if not ex.handed_over:
                 await opened.response.aclose()
 
+    def _shared_host(self, scope: Scope) -> bool:
+        """Whether the request's host is one no host pattern claims while a passthrough route is reachable on it."""
+        return (
+            self.grants is not None
+            and self.table.shared_host_passthrough
+            and self.table.route_for_host(header_value(scope, b"host")) is None
+        )
+
+    def _shared_host_login(self, authorization: str | None, target: Target) -> str | None:
+        """On a shared host, only the gateway's grants (``grants.py``) count, and only for their routes.
+
+        A passthrough route gets the upstream token inside the grant; a grant for another route,
+        an expired or forged one, or any other token gets a fresh challenge. Other routes use the
+        gateway's credentials and need no login; a grant for another route is refused there too."""
+        assert self.grants is not None
+        route = target.route
+        grant = self.grants.read(authorization)
+        if route.auth.uses_client_logins:
+            if grant is not None and route.name in grant.routes and grant.upstream_token:
+                return f"Bearer {grant.upstream_token}"
+            raise LoginRequired(route.name, target.client_path_name)
+        if (grant is not None and route.name not in grant.routes) or (
+            grant is None and self.grants.looks_like_grant(authorization)
+        ):
+            raise LoginRequired(route.name, target.client_path_name)
+        return authorization
+
     async def _ping(self, scope: Scope, send: Send, record: RequestRecord) -> None:
         """``/v2/``: 200, unless the host's route passes logins through and the client has none (yet)."""
         head = scope["method"] == "HEAD"
+        if self._shared_host(scope):
+            assert self.grants is not None
+            # Docker, containerd and containers/image decide from this answer whether to log in.
+            if self.grants.read(header_value(scope, b"authorization")) is None:
+                raise LoginRequired(self.table.ping_service, None)
+            await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
+            return
         route = self.table.route_for_ping(header_value(scope, b"host"))
         if route is not None:
             client = self.clients[route.name]

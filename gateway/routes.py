@@ -288,6 +288,31 @@ class RouteTable:
                     self._exact[pattern] = route
         self._suffixes.sort(key=lambda item: len(item[0]), reverse=True)
 
+    @property
+    def shared_host_passthrough(self) -> bool:
+        """Whether a host no host pattern claims speaks for a passthrough route (by prefix, ``ns`` or
+        as the default route): its ``/v2/`` then asks for a login and its tokens are grants (``grants.py``)."""
+        return any(
+            r.auth.uses_client_logins and (r.default or any(self._prefixes.get(p) is r for p in r.prefixes))
+            for r in self.routes
+        )
+
+    @property
+    def login_route(self) -> Route | None:
+        """Where a shared host's ``docker login`` (a token request with no scope) is checked: the
+        default route if it passes logins through, else the one passthrough route reachable by
+        prefix; None when that is ambiguous (the login is then checked at the first pull)."""
+        if self.default is not None and self.default.auth.uses_client_logins:
+            return self.default
+        reachable = {r.name: r for r in self._prefixes.values() if r.auth.uses_client_logins}
+        return next(iter(reachable.values())) if len(reachable) == 1 else None
+
+    @property
+    def ping_service(self) -> str:
+        """The ``service`` of a shared host's challenge: the default route's name (Docker's
+        registry-mirrors ask for its repositories without a prefix), else the gateway's."""
+        return self.default.name if self.default is not None else "registry-gateway"
+
     def by_name(self, name: str) -> Route | None:
         return self._prefixes.get(name.lower())
 

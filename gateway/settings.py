@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.budget import parse_thresholds
@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     # alone; 128 MiB is about one second of a 1 Gbit/s link and 1/16 s of 2 GB/s. 0 turns
     # sharing off. The memory cap bounds all windows together: new fetches past it are
     # relayed alone.
+    # Signs the gateway's own tokens on hosts several routes share when one of them passes logins
+    # through (grants.py). Every worker and replica must have the same; unset, the server makes
+    # one at start for its workers (a token from one replica is then refused by another).
+    token_secret: SecretStr | None = None
+
     shared_window_bytes: int = Field(default=128 << 20, ge=0)
     shared_memory_bytes: int = Field(default=512 << 20, ge=0)
 
