@@ -154,6 +154,12 @@ class UpstreamClient:
         upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url)]
         if avoid is not None and len(upstreams) > 1:
             upstreams = [u for u in upstreams if not self._avoiding(u, avoid)] or upstreams
+        if content_addressed and self.route.mirrors:
+            # Before the breaker's verdict on the upstreams: content a mirror has is served even
+            # while every upstream rests (that is when mirrors matter most).
+            opened = await self._from_mirrors(method, path, query, headers, repository, follow_redirects, avoid)
+            if opened is not None:
+                return opened
         if not upstreams:
             wait = self.breaker.retry_after([u.url for u in self.route.upstreams])
             raise RegistryError(
@@ -162,10 +168,6 @@ class UpstreamClient:
                 f"every upstream of {self.route.name} is failing; the gateway retries them in {wait:.0f} s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
-        if content_addressed and self.route.mirrors:
-            opened = await self._from_mirrors(method, path, query, headers, repository, follow_redirects, avoid)
-            if opened is not None:
-                return opened
         failure: RegistryError | None = None
         for index, upstream in enumerate(upstreams):
             last = index == len(upstreams) - 1

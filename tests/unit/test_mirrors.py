@@ -69,6 +69,26 @@ async def test_a_dead_mirror_never_fails_the_request(fake, gateway_client):
         assert (await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")).content == BLOB
 
 
+async def test_a_mirror_serves_content_while_every_upstream_rests_in_the_breaker(fake, gateway_client):
+    def registry_down(request: httpx.Request) -> httpx.Response | None:
+        if request.url.host == "registry.test":
+            raise httpx.ConnectError("refused", request=request)
+        return None
+
+    fake.override = registry_down
+    async with gateway_client(route()) as client:
+        for _ in range(3):  # the breaker's failures: the registry now rests
+            assert (await client.get("/v2/alpine/manifests/latest")).status_code in (502, 503)
+        resting = await client.get("/v2/alpine/manifests/latest")
+        assert resting.status_code == 503
+        assert registry_errors(resting)[0]["code"] == "UNAVAILABLE"
+        before = len([r for r in fake.requests if r.url.host == "registry.test"])
+        blob = await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert blob.status_code == 200
+    assert blob.content == BLOB
+    assert len([r for r in fake.requests if r.url.host == "registry.test"]) == before  # not asked while resting
+
+
 async def test_credentials_never_reach_a_mirror(fake, gateway_client):
     creds = {"username": "bob", "password_env": "PW"}
     async with gateway_client(route(**creds), env={"PW": "hunter2"}) as client:
