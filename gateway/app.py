@@ -145,7 +145,12 @@ def create_app(
             digest_ttl=settings.manifest_cache_digest_ttl,
             stale_if_error=settings.manifest_stale_if_error,
         )
-    board = herd.Board(settings.shared_window_bytes, settings.shared_memory_bytes, metrics.SHARED_WINDOW_BYTES.inc)
+    board = herd.Board(
+        settings.shared_window_bytes,
+        settings.shared_memory_bytes,
+        on_held=metrics.SHARED_WINDOW_BYTES.inc,
+        on_merge=lambda key: metrics.SHARED_MERGES.labels(key[0]).inc(),
+    )
     # Without a configured secret each process signs with its own (``__main__`` gives its workers one).
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
     grants = Grants(secret)

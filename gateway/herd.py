@@ -54,6 +54,9 @@ Key = tuple[str, str, str]
 READAHEAD = 4 << 20
 # Compact the window's lists once this many chunks have left them.
 _COMPACT_AFTER = 512
+# How long an older fetch of a blob waits for a younger one to catch up with it (``_merge``)
+# before it goes on regardless: its readers get no bytes while it waits.
+MERGE_PATIENCE = 10.0
 
 
 class FetchBroken(Exception):
@@ -78,6 +81,7 @@ class Reader:
 
     position: int
     end: int  # exclusive
+    fetch: SharedFetch
     resume: Resume | None = None
 
     @property
@@ -121,6 +125,14 @@ class SharedFetch:
         self._task: asyncio.Task[None] | None = None
         self._on_end: Callable[[SharedFetch], None] | None = None
         self._freed = False
+        # Generations of one blob (``Board.lead``): a younger fetch, started for clients that came
+        # after this one's window had moved past the first byte, catches up with an older one while
+        # the older waits, then hands its readers over and closes (``_merge``).
+        self.older: SharedFetch | None = None
+        self.younger: SharedFetch | None = None
+        self.merged = False
+        self.created = asyncio.get_running_loop().time()
+        self._younger_changed = asyncio.Event()
 
     # -- the leader's side -------------------------------------------------------------
 
@@ -159,12 +171,13 @@ class SharedFetch:
         if not self.ready.is_set():
             self.ready.set()
             self.board._forget(self)
+            self._unlink()
 
     # -- the joiners' side -------------------------------------------------------------
 
     def holds(self, position: int) -> bool:
         """Whether a reader starting at ``position`` can be fed from this fetch now."""
-        if not self.shared or self.error is not None or self._task is None:
+        if not self.shared or self.merged or self.error is not None or self._task is None:
             return False
         if self._task.done() and not self.done:
             return False  # cancelled: its last reader left
@@ -177,35 +190,37 @@ class SharedFetch:
         """``reader``'s bytes: from the window while it keeps up, then from ``own(resume)``.
 
         Ends cleanly only at ``reader.end``; raises (``DigestMismatch``, ``FetchBroken``)
-        when the shared body failed and the reader cannot go on alone.
+        when the shared body failed and the reader cannot go on alone. A reader whose fetch
+        merged into an older one (``_merge``) reads on from that one: ``reader.fetch``.
         """
         try:
             while True:
+                fetch = reader.fetch
                 if reader.resume is not None:
                     break
                 position = reader.position
                 if position >= reader.end:
                     return
-                if position < self.produced:
-                    piece = self._piece(position, reader.end)
+                if position < fetch.produced and position >= fetch.base:
+                    piece = fetch._piece(position, reader.end)
                     reader.position += len(piece)
-                    if not self._room.is_set() and reader.position + READAHEAD > self.produced:
-                        self._room.set()
+                    if not fetch._room.is_set() and reader.position + READAHEAD > fetch.produced:
+                        fetch._room.set()
                     yield piece
                     continue
-                if self.error is not None:
-                    if self.detach_on_break and not isinstance(self.error, DigestMismatch):
-                        self._detach(reader, "upstream_broke")
+                if fetch.error is not None:
+                    if fetch.detach_on_break and not isinstance(fetch.error, DigestMismatch):
+                        fetch._detach(reader, "upstream_broke")
                         break
-                    if isinstance(self.error, DigestMismatch):
-                        raise DigestMismatch(self.error.expected, self.error.actual)
-                    raise FetchBroken(f"the shared upstream body broke: {type(self.error).__name__}")
-                if self.done:
+                    if isinstance(fetch.error, DigestMismatch):
+                        raise DigestMismatch(fetch.error.expected, fetch.error.actual)
+                    raise FetchBroken(f"the shared upstream body broke: {type(fetch.error).__name__}")
+                if fetch.done:
                     return  # produced == total: nothing more will come
-                more = self._more
+                more = fetch._more
                 await more.wait()
         finally:
-            self._leave(reader)
+            reader.fetch._leave(reader)
         assert reader.resume is not None
         async for chunk in own(reader.resume):
             yield chunk
@@ -213,7 +228,7 @@ class SharedFetch:
     # -- internals ----------------------------------------------------------------------
 
     def _attach(self, start: int, end: int) -> Reader:
-        reader = Reader(start, end)
+        reader = Reader(start, end, self)
         self.readers.add(reader)
         return reader
 
@@ -252,7 +267,7 @@ class SharedFetch:
     async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
         try:
             await self._pump(body)
-            self.done = True
+            self.done = not self.merged
         except asyncio.CancelledError:
             self.error = FetchBroken("no reader left")
             raise
@@ -277,9 +292,12 @@ class SharedFetch:
                     if held is not None:
                         self._append(held)
                     held = chunk
+                if self.merged:
+                    return  # its readers read on from the older fetch
                 while self.readers and self.produced - self._front() >= READAHEAD:
                     self._room.clear()
                     await self._room.wait()
+                await self._wait_for_younger()
             if hasher is not None:
                 self.actual = await hasher.hexdigest()
                 if self.actual != self._digest:
@@ -294,6 +312,7 @@ class SharedFetch:
 
     async def _finish(self, close: Callable[[], object] | None) -> None:
         self._wake()
+        self._unlink()
         if not self.done:
             self.board._forget(self)  # a complete window stays joinable while its readers drain
         if close is not None:
@@ -312,6 +331,8 @@ class SharedFetch:
         self.produced += len(chunk)
         self.board._held(len(chunk))
         self._evict()
+        if self.older is not None:
+            self._merge()
         self._wake()
 
     def _wake(self) -> None:
@@ -353,6 +374,99 @@ class SharedFetch:
             del self._chunks[: self._first]
             self._first = 0
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and self.error is None and not self.merged
+
+    async def _wait_for_younger(self) -> None:
+        """Read no further while a younger fetch of the blob catches up with this one (at most
+        ``MERGE_PATIENCE`` from its start): the upstream link is all its, and its clients then
+        read on from this fetch instead of costing a whole second fetch."""
+        loop = asyncio.get_running_loop()
+        while (younger := self.younger) is not None:
+            left = younger.created + MERGE_PATIENCE - loop.time()
+            if left <= 0 or younger.merged or younger.error is not None or younger.done:
+                self.younger = None
+                return
+            self._younger_changed.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._younger_changed.wait()
+            except TimeoutError:
+                self.younger = None
+
+    def _unlink(self) -> None:
+        """No longer catching up with an older fetch: it goes on."""
+        older, self.older = self.older, None
+        if older is not None and older.younger is self:
+            older.younger = None
+            older._younger_changed.set()
+
+    def _merge(self) -> None:
+        """Once this fetch has caught up into an older one's window, its readers move there."""
+        older = self.older
+        assert older is not None
+        if not older.running or older.total != self.total:
+            self._unlink()
+            return
+        position = self.produced
+        if position < older.base + older.window // 4 or position > older.produced:
+            return  # not (yet) well inside the older window
+        same = self._same_prefix(older, position)
+        if same is None:
+            return  # no hash state to compare at this offset yet: at the next chunk
+        if not same:
+            logger.warning(
+                "two upstream fetches of one blob disagree on its first bytes; not merged",
+                extra={"fields": {"event": "shared_fetch_disagree", "digest": self.key[2], "offset": position}},
+            )
+            self._unlink()
+            return
+        moved = 0
+        for reader in list(self.readers):
+            if reader.position >= older.base:
+                self.readers.discard(reader)
+                reader.fetch = older
+                older.readers.add(reader)
+                moved += 1
+            else:
+                self._detach(reader, "slow")
+        self.merged = True
+        self._unlink()
+        self.board._replace(self, older)
+        fields = {"event": "shared_fetch_merged", "digest": self.key[2], "offset": position, "readers": moved}
+        logger.info("a younger fetch of a blob caught up and handed its readers over", extra={"fields": fields})
+        self.board._merged(self)
+
+    def _same_prefix(self, other: SharedFetch, position: int) -> bool | None:
+        """Whether both fetches' first ``position`` bytes hash alike (what a merged reader already
+        has from this one must be what the other's digest check covers); None: cannot tell yet.
+        Unchecked routes (``verify_blobs = false``): True."""
+        if self._hasher is None or other._hasher is None:
+            return True
+        mine, theirs = self._digest_at(position), other._digest_at(position)
+        if mine is None or theirs is None:
+            return None
+        return mine == theirs
+
+    def _digest_at(self, position: int) -> str | None:
+        """The hash of the blob's first ``position`` bytes, from a mark and the window after it."""
+        hasher = self._hasher
+        assert hasher is not None
+        hasher.collect()
+        marks = hasher.marks
+        assert marks is not None
+        below = bisect.bisect_right(marks, position, key=lambda m: m[0]) - 1
+        if below < 0 or marks[below][0] < self.base:
+            return None
+        offset, state = marks[below]
+        state = state.copy()
+        while offset < position:
+            piece = self._piece(offset, position)
+            state.update(piece)
+            offset += len(piece)
+        return state.hexdigest()
+
     def _detach(self, reader: Reader, reason: str) -> None:
         """``reader`` goes on alone from its offset, with the hash state and bytes it needs."""
         position = reader.position
@@ -378,10 +492,18 @@ class SharedFetch:
 class Board:
     """The shared fetches of one process, by key, and the memory their windows may use."""
 
-    def __init__(self, window: int, memory: int, on_held: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        window: int,
+        memory: int,
+        on_held: Callable[[int], None] | None = None,
+        on_merge: Callable[[Key], None] | None = None,
+    ) -> None:
         self.window = window
         self.memory = memory
         self._on_held = on_held
+        self._on_merge = on_merge
+        self.merges = 0
         self._fetches: dict[Key, SharedFetch] = {}
         self._reserved = 0
         self.held = 0  # bytes in all windows now (the gauge)
@@ -395,10 +517,26 @@ class Board:
         return self._fetches.get(key)
 
     def lead(self, key: Key) -> SharedFetch:
-        """A new fetch of ``key`` that the caller opens; later requests find it (and wait for it)."""
+        """A new fetch of ``key`` that the caller opens; later requests find it (and wait for it).
+
+        When an older fetch of the key is still streaming (its window no longer holds the first
+        byte), the new one catches up with it and merges (``SharedFetch._merge``)."""
         fetch = SharedFetch(self, key)
+        current = self._fetches.get(key)
+        if current is not None and current.running and current.younger is None:
+            fetch.older = current
+            current.younger = fetch
         self._fetches[key] = fetch
         return fetch
+
+    def _replace(self, merged: SharedFetch, older: SharedFetch) -> None:
+        if self._fetches.get(merged.key) is merged:
+            self._fetches[merged.key] = older
+
+    def _merged(self, fetch: SharedFetch) -> None:
+        self.merges += 1
+        if self._on_merge is not None:
+            self._on_merge(fetch.key)
 
     def reserve(self, fetch: SharedFetch, size: int) -> bool:
         """Room for ``fetch``'s window (at most ``size`` bytes), or False once the cap is reached."""

@@ -140,6 +140,12 @@ SHARED_REQUESTS = Counter(
     "cap was reached: relayed alone), by route.",
     ["route", "role"],
 )
+SHARED_MERGES = Counter(
+    "registry_gateway_shared_fetch_merges",
+    "Younger shared fetches of a blob (for clients that came late) that caught up with an older one and "
+    "handed their readers over, closing their upstream body early, by route.",
+    ["route"],
+)
 SHARED_FETCHES = Gauge(
     "registry_gateway_shared_fetches_in_flight",
     "Shared upstream blob bodies being read right now, by route.",

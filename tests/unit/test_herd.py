@@ -254,3 +254,68 @@ async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
     assert board.reserve(first, 100 << 20)
     assert not board.reserve(second, 100 << 20)  # would pass the cap: relayed alone
     assert board.reserve(second, 1 << 20)  # a small blob still fits
+
+
+async def test_a_late_fetch_catches_up_with_an_older_one_and_hands_its_readers_over() -> None:
+    data = blob(8 << 20)
+    window = 1 << 20
+    board = herd.Board(window=window, memory=64 << 20)
+    merges: list[herd.Key] = []
+    board._on_merge = merges.append
+    first_up = Upstream(data)
+    older, early = start(board, first_up, data)
+    chunks = older.read(early, no_own)
+    got = bytearray()
+    while len(got) < (3 << 20):
+        got += await anext(chunks)
+    assert not older.holds(0)  # a client coming now needs bytes the window no longer has
+    late_up = Upstream(data)
+    younger = board.lead(older.key)
+    assert younger.older is older
+    assert board.reserve(younger, len(data))
+    late = younger.start(
+        [],
+        len(data),
+        late_up.body(),
+        digest=digest_of(data),
+        algorithm="sha256",
+        detach_on_break=False,
+        close=late_up.close,
+    )
+    early_rest, late_bytes = await asyncio.gather(drain(chunks), drain(younger.read(late, no_own)))
+    assert bytes(got) + early_rest == data
+    assert late_bytes == data
+    assert merges == [older.key]
+    assert late.fetch is older  # it read its last bytes from the older fetch
+    # The late client's own upstream body stopped about where the older one had got to.
+    assert late_up.read < 5 << 20
+    assert late_up.closed
+    assert first_up.read == len(data)
+    assert board.held == 0
+
+
+async def test_fetches_whose_first_bytes_differ_do_not_merge() -> None:
+    data = blob(8 << 20)
+    board = herd.Board(window=1 << 20, memory=64 << 20)
+    older, early = start(board, Upstream(data), data)
+    chunks = older.read(early, no_own)
+    got = bytearray()
+    while len(got) < (3 << 20):
+        got += await anext(chunks)
+    wrong = Upstream(data, flip_at=1000)  # a mirror with one wrong byte in the head
+    younger = board.lead(older.key)
+    assert board.reserve(younger, len(data))
+    late = younger.start([], len(data), wrong.body(), digest=digest_of(data), algorithm="sha256", detach_on_break=False)
+
+    async def late_read() -> None:
+        reader = younger.read(late, no_own)
+        while True:
+            try:
+                await anext(reader)
+            except DigestMismatch:
+                return
+
+    early_rest, _ = await asyncio.gather(drain(chunks), late_read())
+    assert bytes(got) + early_rest == data  # the older fetch's readers are not harmed
+    assert board.merges == 0
+    assert late.fetch is younger
