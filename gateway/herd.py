@@ -294,7 +294,10 @@ class SharedFetch:
                     held = chunk
                 if self.merged:
                     return  # its readers read on from the older fetch
-                while self.readers and self.produced - self._front() >= READAHEAD:
+                # A fetch catching up with an older one reads on whatever its readers do: the older
+                # one's readers wait for it (a slow reader of its own falls out of its window and
+                # goes on alone, and the catch-up, or with no reader left the wait, ends).
+                while self.older is None and self.readers and self.produced - self._front() >= READAHEAD:
                     self._room.clear()
                     await self._room.wait()
                 await self._wait_for_younger()
@@ -385,15 +388,20 @@ class SharedFetch:
         loop = asyncio.get_running_loop()
         while (younger := self.younger) is not None:
             left = younger.created + MERGE_PATIENCE - loop.time()
-            if left <= 0 or younger.merged or younger.error is not None or younger.done:
+            if younger.merged or younger.error is not None or younger.done:
                 self.younger = None
                 return
             self._younger_changed.clear()
             try:
-                async with asyncio.timeout(left):
+                async with asyncio.timeout(max(left, 0)):
                     await self._younger_changed.wait()
             except TimeoutError:
                 self.younger = None
+                fields = {"event": "shared_fetch_wait_ended", "digest": self.key[2], "offset": self.produced}
+                logger.info(
+                    "a younger fetch of a blob did not catch up in time; the older one reads on",
+                    extra={"fields": fields},
+                )
 
     def _unlink(self) -> None:
         """No longer catching up with an older fetch: it goes on."""

@@ -139,6 +139,8 @@ class TokenRelay:
         challenge = await client.upstream_challenge()
         headers = {"accept": "application/json", "accept-encoding": "identity"}
         authorization = header_value(scope, b"authorization")
+        if Grants.looks_like_grant(authorization):
+            authorization = None  # the gateway's own token is no credential of any upstream: never sent on
         if authorization is not None:
             # RFC 6749 2.3.1: a POST may carry client credentials here too; relayed like the GET form's.
             if not authorization.isascii():
@@ -194,8 +196,13 @@ class TokenRelay:
                 except RegistryError:
                     continue  # no route, or the policy refuses it: the request itself will say so
         relayed = next((t.route for t in targets if t.route.auth.uses_client_logins), None)
-        if relayed is None and not targets and header_value(scope, b"authorization") is not None:
-            relayed = self.table.login_route  # docker login: check the credentials where they belong
+        authorization = header_value(scope, b"authorization")
+        # Credentials in the header (GET, or RFC 6749 2.3.1) or in the OAuth2 form (4.3.2, 6).
+        credentials = (authorization is not None and not Grants.looks_like_grant(authorization)) or (
+            method == "POST" and any(k in ("password", "refresh_token") for k, _ in params)
+        )
+        if relayed is None and not targets and credentials:
+            relayed = self.table.login_route  # a login: check the credentials where they belong
         doc: dict[str, object] = {}
         if relayed is not None:
             record_of(scope).route = relayed.name

@@ -48,9 +48,11 @@ def in_namespace(argv: list[str], hosts_file: Path) -> list[str]:
 
 
 def run(
-    argv: list[str], *, timeout: float = 300, env: dict[str, str] | None = None
+    argv: list[str], *, timeout: float = 300, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, input=stdin
+    )
     if proc.returncode != 0:
         raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -269,14 +271,16 @@ class Podman:
     root: Path
     hosts_file: Path
 
-    def __call__(self, *args: str, registries_conf: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, registries_conf: Path, timeout: float = 300, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         storage = self.root / "storage.conf"
         storage.write_text(
             f'[storage]\ndriver = "overlay"\nrunroot = "{self.root}/run"\ngraphroot = "{self.root}/graph"\n'
         )
         argv = ["podman", "--cgroup-manager", "cgroupfs", "--events-backend", "file", *args]
         env = {"CONTAINERS_REGISTRIES_CONF": str(registries_conf), "CONTAINERS_STORAGE_CONF": str(storage)}
-        return run(in_namespace(argv, self.hosts_file), timeout=timeout, env=env)
+        return run(in_namespace(argv, self.hosts_file), timeout=timeout, env=env, stdin=stdin)
 
     def digest(self, ref: str, registries_conf: Path) -> str:
         out = self("image", "inspect", ref, "--format", "{{.Digest}}", registries_conf=registries_conf).stdout

@@ -28,6 +28,8 @@ Authorization as sent);
 CDN can be pointed at another front; ``location_query`` (called once per rewritten ``Location``)
 appends its ``name=value`` to that Location's query, so each redirect names a URL of its own
 (a signed URL with its expiry, say).
+``rate`` (bytes per second, settable at any time; None: as fast as the target sends) paces the
+body of every answer, so that a transfer lasts long enough for others to overlap it.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class _Answer:
         self.writer = writer
         self.entry = entry
         self.fault: Fault | None = None
+        self.started = time.monotonic()
 
     async def payload(self, data: bytes) -> None:
         """Send body bytes (``data`` is payload, not framing); raises _Reset when a fault ends the answer."""
@@ -147,6 +150,10 @@ class _Answer:
         self.writer.write(data)
         self.entry.body_bytes += len(data)
         await self.writer.drain()
+        if (rate := self.front.rate) is not None:
+            ahead = self.entry.body_bytes / rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
 
     async def framing(self, data: bytes) -> None:
         self.writer.write(data)
@@ -179,11 +186,14 @@ class FaultFront:
         *,
         rewrite_location: tuple[str, str] | None = None,
         location_query: Callable[[], str] | None = None,
+        rate: float | None = None,
     ) -> None:
         host, _, port = target.removeprefix("http://").rstrip("/").rpartition(":")
         self.target_host, self.target_port = host, int(port)
         self.rewrite_location = rewrite_location
         self.location_query = location_query
+        #: body bytes per second of each answer (None: unpaced)
+        self.rate = rate
         self.port = 0
         #: client connections now open, and those of them a stall holds
         self.open_connections = 0
