@@ -8,10 +8,11 @@ reader goes at its own pace:
 
 - the fetch reads upstream as fast as its fastest reader asks (at most ``READAHEAD`` ahead
   of it), never as fast as the slowest;
-- the window keeps at most ``window`` bytes; a reader that falls so far behind that its next
-  bytes would leave the window is **detached**: it goes on alone with its own upstream
-  request (``Range: bytes=<offset>-``), so one slow client never holds back the others and
-  never makes the gateway buffer without bound;
+- the window holds the bytes between the slowest reader and the fastest (plus a short tail,
+  ``retain``, for clients that come a moment later), at most ``window`` bytes; a reader that
+  falls so far behind that its next bytes would leave the window is **detached**: it goes on
+  alone with its own upstream request (``Range: bytes=<offset>-``), so one slow client never
+  holds back the others and never makes the gateway buffer without bound;
 - a board-wide cap on all windows (``memory``) turns sharing off for new fetches once reached.
 
 Every byte is hashed once, by the fetch (``blob_check.py``); the last chunk enters the window
@@ -20,10 +21,11 @@ is kept at batch boundaries (marks), and the window never drops the bytes after 
 mark below a reader: a detached reader takes that state and the bytes from the mark to its
 offset, and checks its own rest against the same digest.
 
-A full GET that arrives after the window no longer holds the first byte starts a new fetch
-(a new *generation*) that later arrivals join: a late joiner costs one more upstream fetch,
-shared with everyone who arrives soon after it (``docs/performance.md`` measures staggered
-starts). Shared fetches are per process; ``docs/deploy.md`` says how replicas behind nginx
+A full GET that arrives after the window no longer holds the first byte starts a younger
+fetch that later arrivals join; the older one waits while the younger catches up, then the
+younger hands its readers over and closes (``_merge``): a late client costs the bytes it
+missed, not a second fetch (``docs/performance.md`` measures staggered starts). Shared
+fetches are per process; ``docs/deploy.md`` says how replicas behind nginx
 or ingress-nginx meet in one process per blob.
 
 This module is the mechanism only: no HTTP, no routes. The relay (``proxy.py``) decides who
@@ -54,6 +56,10 @@ Key = tuple[str, str, str]
 READAHEAD = 4 << 20
 # Compact the window's lists once this many chunks have left them.
 _COMPACT_AFTER = 512
+# Bytes that every reader has had are kept this long behind the slowest one (the board's
+# default), so that a client coming a moment after the first joins from byte 0; later ones
+# catch up instead (``_merge``).
+RETAIN = 8 << 20
 # How long an older fetch of a blob waits for a younger one to catch up with it (``_merge``)
 # before it goes on regardless: its readers get no bytes while it waits.
 MERGE_PATIENCE = 10.0
@@ -343,7 +349,11 @@ class SharedFetch:
         self._more = asyncio.Event()
 
     def _evict(self) -> None:
-        limit = self.produced - self.window
+        # Bytes every reader has had leave at once, but for a short tail (``RETAIN``) for clients
+        # that come a moment later; bytes a reader still needs leave only once it is a window
+        # behind, and it goes on alone.
+        consumed = min((r.position for r in self.readers), default=self.produced) - self.board.retain
+        limit = max(self.produced - self.window, consumed)
         if limit <= self.base:
             return
         target = limit
@@ -418,8 +428,9 @@ class SharedFetch:
             self._unlink()
             return
         position = self.produced
-        if position < older.base + older.window // 4 or position > older.produced:
-            return  # not (yet) well inside the older window
+        held = older.produced - older.base
+        if position < older.base + min(older.window // 4, held // 2) or position > older.produced:
+            return  # not (yet) well inside what the older one holds
         same = self._same_prefix(older, position)
         if same is None:
             return  # no hash state to compare at this offset yet: at the next chunk
@@ -506,9 +517,11 @@ class Board:
         memory: int,
         on_held: Callable[[int], None] | None = None,
         on_merge: Callable[[Key], None] | None = None,
+        retain: int = RETAIN,
     ) -> None:
         self.window = window
         self.memory = memory
+        self.retain = min(retain, window)
         self._on_held = on_held
         self._on_merge = on_merge
         self.merges = 0

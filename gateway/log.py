@@ -149,7 +149,7 @@ class RequestRecord:
     upstream_seconds: float | None = None
     verified: str | None = None  # blobs: "ok", "mismatch", "unknown_algorithm", "off"
     resumes: int | None = None  # blobs: how many times a broken body was asked for again
-    share: str | None = None  # blob GETs: "led", "joined", "detached" or "bypassed" (herd.py)
+    share: str | None = None  # blob GETs: "led", "joined", "merged", "detached" or "bypassed" (herd.py)
 
 
 # What an access line holds, in this order. Nothing secret: names, statuses, counts.

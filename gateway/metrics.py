@@ -136,8 +136,9 @@ MANIFEST_STALE = Counter(
 SHARED_REQUESTS = Counter(
     "registry_gateway_shared_fetch_requests",
     "Blob GETs by their part in a shared fetch: led (opened it), joined (read another's), detached "
-    "(fell a window behind, or the shared body broke, and went on alone), bypassed (the windows' memory "
-    "cap was reached: relayed alone), by route.",
+    "(fell a window behind, or the shared body broke, and went on alone), merged (its fetch, opened for "
+    "clients that came late, caught up with an older one and it read on from that), bypassed (the windows' "
+    "memory cap was reached: relayed alone), by route.",
     ["route", "role"],
 )
 SHARED_MERGES = Counter(

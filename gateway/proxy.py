@@ -675,8 +675,11 @@ class Relay:
             finally:
                 metrics.blob_bytes(ex.route_name, "upstream", got)
 
+        first = fetch
         await self._send_stream(ex, status, headers, fetch.read(reader, own), None)
         fetch = reader.fetch  # the fetch it ended on: another, if its own merged into an older one
+        if fetch is not first and ex.record.share in ("led", "joined"):
+            ex.record.share = "merged"
         if ex.record.share != "detached":
             ex.record.resumes = fetch.resumes or ex.record.resumes
             if verdict is not None and fetch.actual is not None and ex.record.bytes == fetch.total:

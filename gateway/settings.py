@@ -95,6 +95,9 @@ class Settings(BaseSettings):
 
     shared_window_bytes: int = Field(default=128 << 20, ge=0)
     shared_memory_bytes: int = Field(default=512 << 20, ge=0)
+    # Bytes every reader of a shared fetch has had, kept behind the slowest for clients that
+    # come a moment later (they join from byte 0; later ones catch up with the fetch instead).
+    shared_retain_bytes: int = Field(default=8 << 20, ge=0)
 
     # A route's upstream that fails this many times in a row (connection error, timeout,
     # 5xx) is skipped for breaker_cooldown seconds, then tried again.

@@ -319,3 +319,19 @@ async def test_fetches_whose_first_bytes_differ_do_not_merge() -> None:
     assert bytes(got) + early_rest == data  # the older fetch's readers are not harmed
     assert board.merges == 0
     assert late.fetch is younger
+
+
+async def test_bytes_every_reader_has_had_leave_the_window() -> None:
+    # One client pulling a big layer alone holds a short tail, not a whole window.
+    data = blob(24 << 20)
+    board = herd.Board(window=64 << 20, memory=256 << 20)
+    peak = 0
+
+    def held(delta: int) -> None:
+        nonlocal peak
+        peak = max(peak, board.held)
+
+    board._on_held = held
+    fetch, only = start(board, Upstream(data), data)
+    assert await drain(fetch.read(only, no_own)) == data
+    assert peak <= herd.RETAIN + herd.READAHEAD + (2 << 20)
