@@ -3,7 +3,8 @@
 Starts the test bed (distribution registry with token auth, 307 to an nginx CDN), an nginx reverse proxy that
 follows the redirect itself, and the gateway; measures blob throughput (1 and N streams), server CPU per GiB,
 the gateway's peak RSS, manifest requests per second and latency (wrk), upstream token requests, time to first
-byte and correctness (sha256); writes bench/results/<timestamp>.json and prints a table. See docs/performance.md.
+byte and correctness (sha256), and scenarios (resumes, a rollout's pulls, a herd of clients pulling one blob over
+a capped link); writes bench/results/<timestamp>.json and prints a table. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from bench import clients, procs
-from bench.report import Figure, markdown_table, table
-from bench.run import Options, Run, git_info, machine_info
+from bench.report import PATHS, Figure, markdown_table, table
+from bench.run import MEASUREMENTS, Options, Run, git_info, machine_info
 from bench.servers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
@@ -38,9 +39,34 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return tuple(value for value in values if value > 0)
+
+
+def _names(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [name for name in names if name not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (choose from {', '.join(choices)})")
+        return names
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 64 MiB blob, 1 repeat, 3 s load (about a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 MiB blob, 1 repeat, 3 s load, small herds (about a minute and a half)",
+    )
     p.add_argument("--repeat", type=int, help="repeats of each measurement (default 3; --quick: 1)")
     p.add_argument("--blob-mib", type=int, help="size of the big blob in MiB (default 512; --quick: 64)")
     p.add_argument("--streams", type=int, default=16, help="concurrent pulls of the big blob (default 16)")
@@ -63,6 +89,53 @@ def parser() -> argparse.ArgumentParser:
         help="the rollout scenario: N containerd-style clients pull one tag at once through a gateway in front of "
         "a hub front that counts pulls like Docker Hub; counted manifest GETs at the hub and the wall time "
         "(default 100, --quick too: it takes seconds; 0 skips it)",
+    )
+    p.add_argument(
+        "--herd-clients",
+        type=_int_list,
+        metavar="N,N",
+        help="the herd scenario: herds of N clients pull the big blob at once over one capped link, via direct, "
+        "nginx and the gateway (default 16,32; --quick: 4,8; 0 skips it). Paths that share nothing need "
+        "N x blob / link each: 16,32 with 512 MiB at 100 MB/s adds about 10 minutes (--herd-paths shortens it)",
+    )
+    p.add_argument(
+        "--herd-link-mbps",
+        type=float,
+        default=100.0,
+        help="the herd scenario's link: all its connections together get this many MB/s (10^6 B/s; default 100)",
+    )
+    p.add_argument(
+        "--herd-paths",
+        type=_names(PATHS),
+        default=PATHS,
+        metavar="PATH,PATH",
+        help="the herd scenario's paths (default direct,nginx,gateway)",
+    )
+    p.add_argument(
+        "--herd-spread",
+        type=float,
+        help="one more herd (the largest) with its starts spread evenly over this many seconds "
+        "(default 10; --quick: 1.25; 0 skips it)",
+    )
+    p.add_argument(
+        "--herd-spread-paths",
+        type=_names(PATHS),
+        default=("gateway",),
+        metavar="PATH,PATH",
+        help="paths of the spread herd (default gateway: the others share nothing, spread or not)",
+    )
+    p.add_argument(
+        "--herd-client-nice",
+        type=int,
+        default=10,
+        help="niceness of the herd's clients (curl | openssl), so they yield the cores to the servers (default 10)",
+    )
+    p.add_argument(
+        "--only",
+        type=_names(MEASUREMENTS),
+        default=(),
+        metavar="NAME,NAME",
+        help=f"run only these measurements ({', '.join(MEASUREMENTS)}); e.g. --only herd",
     )
     p.add_argument(
         "--load-generator",
@@ -126,6 +199,13 @@ def options_from(args: argparse.Namespace) -> Options:
         quick=quick,
         resume_every_mib=max(0, pick(args.resume_every_mib, 100, 16)),
         rollout_clients=max(0, args.rollout_clients),
+        herd_clients=pick(args.herd_clients, (16, 32), (4, 8)),
+        herd_link_rate=args.herd_link_mbps * 1e6,
+        herd_paths=args.herd_paths,
+        herd_spread=max(0.0, pick(args.herd_spread, 10.0, 1.25)),
+        herd_spread_paths=args.herd_spread_paths,
+        herd_client_nice=args.herd_client_nice,
+        only=args.only,
     )
 
 
@@ -170,6 +250,7 @@ def print_summary(result: dict[str, Any], keys: list[str] | None = None, *, mark
             f"at the hub per run: {', '.join(str(r['counted_gets']) for r in rollout['runs'])} counted GETs, "
             f"{', '.join(str(r['heads']) for r in rollout['runs'])} HEADs (target: at most 2 GETs per tag)"
         )
+    print_herd(details.get("herd_scenario"))
     checks = result.get("checks", {})
     sha = ", ".join(f"{path} {'ok' if check.get('ok') else 'FAILED'}" for path, check in checks.items())
     print(f"sha256 of a whole blob download and manifest digest: {sha or '-'}")
@@ -193,6 +274,34 @@ def print_summary(result: dict[str, Any], keys: list[str] | None = None, *, mark
             print(f"  {error['measurement']} via {error['path']}: {error['error'].splitlines()[0]}")
     if result.get("fatal"):
         print(f"\nFATAL: {result['fatal']}")
+
+
+def print_herd(herd: dict[str, Any] | None) -> None:
+    """The herd scenario's notes: the link, every herd's check of its clients' sha256, the targets."""
+    if not herd or not herd.get("runs"):
+        return
+    runs = herd["runs"]
+    print(
+        f"\nherd: {', '.join(map(str, herd['clients']))} clients pull the {herd['blob_bytes'] / (1 << 20):.0f} MiB "
+        f"blob over one {herd['link_bytes_per_second'] / 1e6:g} MB/s link ({herd['client']}, nice "
+        f"{herd['client_nice']}), {herd['blob_bytes'] / herd['link_bytes_per_second']:.2f} s per blob at the "
+        "link's rate; upstream = body bytes the link sent, as a multiple of the blob"
+    )
+    bad = [run for run in runs if run.get("failed_clients")]
+    checked = sum(run["clients"] for run in runs)
+    if bad:
+        for run in bad:
+            print(
+                f"!!! HERD FAILED: {run['failed_clients']} of {run['clients']} clients via {run['path']} "
+                f"({run['kind']}) got no or WRONG bytes (sha256 != digest)"
+            )
+    else:
+        print(f"sha256 of every herd client ({checked} downloads): ok")
+    for target in herd.get("targets", []):
+        value = target["gateway"]
+        state = "not measured" if target["met"] is None else ("met" if target["met"] else "MISSED")
+        shown = "-" if value is None else f"{value:.2f}"
+        print(f"  target: gateway {target['target']} {shown} ({target['op']} {target['limit']:g}): {state}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import resource
 import shutil
 import socket
@@ -166,6 +169,142 @@ def parallel_downloads(target: Target, path: str, expected_size: int, streams: i
         for proc, (out, err) in zip(running, outputs, strict=True)
     ]
     return ParallelRun(transfers, wall, client_cpu)
+
+
+#: a pipe of 1 MiB between curl and the hasher: fewer wake-ups per GiB than the default 64 KiB
+_PIPE_BYTES = 1 << 20
+
+
+def hasher_argv() -> list[str]:
+    """The fastest sha256 at hand reading stdin: ``openssl dgst`` (SHA extensions, ~3x coreutils' speed)."""
+    if shutil.which("openssl"):
+        return ["openssl", "dgst", "-sha256", "-r"]
+    return ["sha256sum", "-b"]
+
+
+@dataclass(frozen=True)
+class HerdClient:
+    """One client of a herd: curl piping the body into a hasher."""
+
+    #: seconds from the herd's first start to this client's start
+    started: float
+    #: seconds from the herd's first start until curl had the whole body (its own time_total)
+    done: float
+    transfer: Transfer | None
+    digest: str | None
+    error: str | None
+
+    def ok(self, expected_digest: str) -> bool:
+        return self.error is None and self.digest == expected_digest
+
+
+@dataclass(frozen=True)
+class HerdRun:
+    clients: list[HerdClient]
+    #: from the first start until every client had exited: the time until every client was done
+    wall_seconds: float
+    #: user + system CPU seconds of the curl and hasher processes
+    client_cpu_seconds: float
+
+    def failures(self, expected_digest: str) -> list[HerdClient]:
+        return [client for client in self.clients if not client.ok(expected_digest)]
+
+    @property
+    def start_spread(self) -> float:
+        return max(c.started for c in self.clients) if self.clients else 0.0
+
+
+def _herd_pair(argv: list[str], hash_argv: list[str]) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """curl writing the body into a pipe, the hasher reading it; the parent keeps neither end."""
+    read_end, write_end = os.pipe()
+    try:
+        # over /proc/sys/fs/pipe-max-size (or not Linux), the default size works too
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        hasher = subprocess.Popen(hash_argv, stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        curl = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    return curl, hasher
+
+
+def herd(
+    target: Target,
+    path: str,
+    expected_size: int,
+    count: int,
+    *,
+    spread: float = 0.0,
+    nice: int = 0,
+    max_seconds: float = 600.0,
+) -> HerdRun:
+    """``count`` clients GET the same blob, started evenly over ``spread`` seconds (0: all at once), each
+    ``curl | hasher`` (``nice``-d, so the clients yield the cores to the servers under test). Never raises
+    for one client's failure: every client's outcome is in the run."""
+    prefix = ["nice", "-n", str(nice)] if nice else []
+    argv = [
+        *prefix,
+        "curl",
+        "--silent",
+        "--show-error",
+        "--fail",
+        "--http1.1",
+        "--max-time",
+        str(round(max_seconds)),
+        "--output",
+        "-",
+        "--write-out",
+        "%{stderr}" + _CURL_FORMAT,
+        *target.curl_args(),
+        target.base_url + path,
+    ]
+    hash_argv = [*prefix, *hasher_argv()]
+    cpu_before = _children_cpu()
+    pairs: list[tuple[float, subprocess.Popen[bytes], subprocess.Popen[bytes]]] = []
+    started = time.perf_counter()
+    try:
+        for n in range(count):
+            at = spread * n / (count - 1) if count > 1 and spread > 0 else 0.0
+            delay = started + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pairs.append((time.perf_counter() - started, *_herd_pair(argv, hash_argv)))
+        outcomes = []
+        for offset, curl, hasher in pairs:
+            _, curl_err = curl.communicate()
+            hash_out, hash_err = hasher.communicate()
+            outcomes.append((offset, time.perf_counter() - started, curl, curl_err, hasher, hash_out, hash_err))
+    except BaseException:
+        for _, curl, hasher in pairs:
+            for proc in (curl, hasher):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        raise
+    # Reaped in start order: the last reap comes right after the last exit, whoever exited last.
+    wall = max((reaped for _, reaped, *_ in outcomes), default=0.0)
+    client_cpu = _children_cpu() - cpu_before
+    clients: list[HerdClient] = []
+    for offset, _, curl, curl_err, hasher, hash_out, hash_err in outcomes:
+        # --write-out goes to stderr (stdout is the body): its line comes last, after any error curl printed
+        err_lines = curl_err.decode(errors="replace").strip().splitlines() or [""]
+        transfer: Transfer | None = None
+        error: str | None = None
+        try:
+            detail = "\n".join(err_lines[:-1]).encode()
+            transfer = _parse_transfer(target, err_lines[-1].encode(), detail, curl.returncode or 0, expected_size)
+        except ClientError as exc:
+            error = str(exc)
+        digest = None
+        fields = hash_out.decode(errors="replace").split()
+        if hasher.returncode == 0 and fields:
+            digest = "sha256:" + fields[0].lower()
+        elif error is None:
+            error = f"the hasher exited with {hasher.returncode}: {hash_err.decode(errors='replace').strip()}"
+        done = offset + transfer.total if transfer is not None else wall
+        clients.append(HerdClient(offset, done, transfer, digest, error))
+    return HerdRun(clients, wall, client_cpu)
 
 
 def blob_sha256(target: Target, path: str) -> tuple[str, int]:

@@ -55,6 +55,16 @@ class Options:
     quick: bool
     resume_every_mib: int = 0
     rollout_clients: int = 0
+    #: the herd scenario: herds of these sizes (empty: skipped), over a link of this many bytes/s
+    herd_clients: tuple[int, ...] = ()
+    herd_link_rate: float = 100e6
+    herd_paths: tuple[str, ...] = PATHS
+    #: one more herd (the largest) started evenly over this many seconds, via these paths (0: none)
+    herd_spread: float = 0.0
+    herd_spread_paths: tuple[str, ...] = ("gateway",)
+    herd_client_nice: int = 10
+    #: run only these measurements (empty: all of them; see MEASUREMENTS)
+    only: tuple[str, ...] = ()
 
 
 @dataclass
@@ -105,6 +115,8 @@ class Figures:
             "rollout_seconds", "rollout to N clients: wall time", "s", "lower", optional=True
         )
     )
+    #: the herd scenario's figures (their keys depend on the herd sizes), in the order they were made
+    herd: dict[str, Figure] = field(default_factory=dict)
 
     def ordered(self) -> list[Figure]:
         return [
@@ -128,7 +140,14 @@ class Figures:
             self.resume_broken,
             self.rollout_gets,
             self.rollout_seconds,
+            *self.herd.values(),
         ]
+
+
+#: runs of one client alone per path: the herd's baseline (short, and noisier than the herds)
+HERD_ALONE_REPEATS = 3
+#: what ``--only`` may name, in the order a run measures them
+MEASUREMENTS = ("tokens", "verify", "ttfb", "single", "aggregate", "manifests", "resume", "rollout", "herd")
 
 
 def rotated(paths: list[str], n: int) -> list[str]:
@@ -137,6 +156,20 @@ def rotated(paths: list[str], n: int) -> list[str]:
         return paths
     k = n % len(paths)
     return paths[k:] + paths[:k]
+
+
+@dataclass
+class HerdBed:
+    """What the herd scenario's runs share: the capped link, the registry's front, nginx, counts."""
+
+    link: Any
+    hub: Any
+    nginx: NginxProxy | None
+    #: every herd's details (``details.herd_scenario.runs`` of the result)
+    runs: list[dict[str, Any]]
+    #: the time one client alone took, per path (the median of its runs)
+    alone: dict[str, float] = field(default_factory=dict)
+    gateways: int = 0
 
 
 class Run:
@@ -182,6 +215,9 @@ class Run:
         f.rollout_seconds.label = f"rollout to {o.rollout_clients} clients: wall time"
         for figure in (f.resume_clean, f.resume_broken, f.rollout_gets, f.rollout_seconds):
             figure.missing["direct"] = figure.missing["nginx"] = "n/a"
+        if o.only:  # --only: the table shows what was measured
+            for figure in f.ordered():
+                figure.optional = True
 
     # ------------------------------------------------------------------ bookkeeping
     def log(self, message: str) -> None:
@@ -245,14 +281,20 @@ class Run:
             self.extra["manifest"] = {"path": self.manifest_path, "digest": self.manifest_digest}
             self.upstream_pids = procs.pids_matching(str(tb.workdir) + "/")
 
-            self.measure_tokens(tb)
-            self.verify()
-            self.measure_ttfb()
-            self.measure_single_stream()
-            self.measure_aggregate()
-            self.measure_manifests()
-            self.measure_resumes(tb)
-            self.measure_rollout(tb)
+            steps: dict[str, Callable[[], None]] = {
+                "tokens": lambda: self.measure_tokens(tb),
+                "verify": self.verify,
+                "ttfb": self.measure_ttfb,
+                "single": self.measure_single_stream,
+                "aggregate": self.measure_aggregate,
+                "manifests": self.measure_manifests,
+                "resume": lambda: self.measure_resumes(tb),
+                "rollout": lambda: self.measure_rollout(tb),
+                "herd": lambda: self.measure_herd(tb),
+            }
+            for name in MEASUREMENTS:
+                if not o.only or name in o.only:
+                    steps[name]()
             direct_auth = self.targets["direct"].auth
             self.extra["client_token_requests"] = direct_auth.fetched if direct_auth is not None else 0
             for name, server in (("nginx", self.nginx), ("gateway", self.gateway)):
@@ -512,6 +554,280 @@ class Run:
                 finally:
                     gateway.stop()
         self.extra["rollout_scenario"] = {"repository": alpine.repo, "tag": alpine.tag, "runs": runs}
+
+    # ------------------------------------------------------------------ the herd scenario
+    def herd_figure(self, key: str, label: str, unit: str, better: str) -> Figure:
+        """One of the herd scenario's figures, made on first use (their keys depend on the herd sizes)."""
+        figure = self.figures.herd.get(key)
+        if figure is None:
+            figure = self.figures.herd[key] = Figure(key, label, unit, better, optional=True)
+            for path in PATHS:
+                if path not in self.options.herd_paths:
+                    figure.missing[path] = "n/a"
+            if unit == "MiB":
+                figure.missing["direct"] = "n/a"
+        return figure
+
+    def measure_herd(self, tb: Any) -> None:
+        """Issue 9's herd: N clients GET the same big blob at once over one capped link (a token-bucket
+        front in front of the CDN, ``tests/testbed/linkfront.py``, and a fault front in front of the
+        registry that points its redirects at the link), via direct, nginx and a fresh gateway per run.
+        Per herd: the time until every client is done, the bytes that crossed the link (as a multiple of
+        the blob), the proxy's peak RSS, and every client's sha256. Also one client alone (the baseline)
+        and one herd whose starts are spread over ``herd_spread`` seconds."""
+        from tests.testbed.faults import FaultFront
+        from tests.testbed.linkfront import LinkFront
+
+        o = self.options
+        sizes = sorted({n for n in o.herd_clients if n > 0})
+        if not sizes:
+            return
+        paths = [p for p in PATHS if p in o.herd_paths]
+        scenario: dict[str, Any] = {
+            "link_bytes_per_second": o.herd_link_rate,
+            "blob_bytes": self.big_size,
+            "link_seconds_per_blob": self.big_size / o.herd_link_rate,
+            "clients": sizes,
+            "paths": paths,
+            "spread_seconds": o.herd_spread,
+            "spread_paths": [p for p in o.herd_spread_paths if p in paths],
+            "client": f"curl | {' '.join(clients.hasher_argv())}",
+            "client_nice": o.herd_client_nice,
+            "gateway_workers": o.gateway_workers,
+            "runs": [],
+        }
+        self.extra["herd_scenario"] = scenario
+        self.log(
+            f"herd scenario: {', '.join(map(str, sizes))} clients, {o.blob_mib} MiB blob over a "
+            f"{o.herd_link_rate / MB:.0f} MB/s link via {', '.join(paths)}"
+        )
+        with (
+            LinkFront(tb.cdn_url, rate=o.herd_link_rate) as link,
+            FaultFront(tb.hub.registry_url, rewrite_location=(tb.cdn_url, link.url)) as hub,
+        ):
+            nginx: NginxProxy | None = None
+            if "nginx" in paths:
+                try:
+                    nginx = NginxProxy(self.workdir / "nginx-herd", hub.url).start()
+                except (ServerError, OSError) as exc:
+                    self.warn(f"the herd scenario's nginx did not start: {exc}")
+                    paths.remove("nginx")
+            herd = HerdBed(link, hub, nginx, scenario["runs"])
+            try:
+                for n in range(HERD_ALONE_REPEATS):
+                    for path in rotated(paths, n):
+                        self.herd_run(herd, path, 1)
+                for n, size in enumerate(sizes):
+                    for path in rotated(paths, n):
+                        self.herd_run(herd, path, size)
+                if o.herd_spread > 0:
+                    for path in [p for p in o.herd_spread_paths if p in paths]:
+                        self.herd_run(herd, path, sizes[-1], spread=o.herd_spread)
+            finally:
+                if nginx is not None:
+                    nginx.stop()
+        scenario["targets"] = self.herd_targets(sizes[-1])
+
+    def herd_run(self, herd: HerdBed, path: str, count: int, *, spread: float = 0.0) -> None:
+        """One herd of ``count`` clients via ``path`` (the gateway: a fresh one, upstream the registry's front)."""
+        o = self.options
+        auth = self.targets["direct"].auth
+        gateway: Gateway | None = None
+        if path == "gateway":
+            herd.gateways += 1
+            gateway = Gateway(
+                self.workdir / f"gateway-herd-{herd.gateways}",
+                herd.hub.url,
+                workers=o.gateway_workers,
+                env=o.gateway_env,
+                command=o.gateway_cmd,
+                route_options={PRIVATE_KEY: "true", **o.route_options},
+            )
+        kind, what, figures = self.herd_kind(count, spread)
+
+        def pids() -> list[int]:
+            if gateway is not None:
+                return gateway.pids()
+            return herd.nginx.worker_pids() if path == "nginx" and herd.nginx is not None else []
+
+        def one() -> None:
+            if gateway is not None:
+                target = Target("gateway", gateway.start().url, None, follow_redirects=False)
+            elif path == "nginx":
+                if herd.nginx is None:
+                    raise ServerError("the herd scenario's nginx is not running")
+                target = Target("nginx", herd.nginx.url, auth, follow_redirects=False)
+            else:
+                target = Target("direct", herd.hub.url, auth, follow_redirects=True)
+            herd.link.reset()
+            herd.hub.clear()
+            server_before = procs.total_cpu(pids())
+            link_before = herd.link.cpu_seconds()
+            sampler = procs.RssSampler(pids).start() if path != "direct" else None
+            try:
+                run = clients.herd(
+                    target,
+                    self.big_path,
+                    self.big_size,
+                    count,
+                    spread=spread,
+                    nice=o.herd_client_nice,
+                    # a herd that shares nothing needs count x the link time; far beyond that it is stuck
+                    max_seconds=120 + 3 * count * self.big_size / o.herd_link_rate,
+                )
+            finally:
+                peaks = sampler.stop() if sampler is not None else None
+            detail = self.herd_detail(herd, path, kind, spread, run, peaks)
+            detail["server_cpu_seconds"] = procs.cpu_delta(server_before, procs.total_cpu(pids())) if pids() else None
+            link_after = herd.link.cpu_seconds()
+            if link_before is not None and link_after is not None:
+                detail["link_front_cpu_seconds"] = link_after - link_before
+            if gateway is not None:  # the tree may change during a long run: which code served this herd
+                detail["gateway_source"] = gateway.source
+            failures = run.failures(self.big_digest)
+            if failures:
+                first = failures[0]
+                reason = first.error or f"sha256 {first.digest}, want {self.big_digest}"
+                self.log(f"!!!!!!!! {what} via {path}: {len(failures)} of {count} clients FAILED: {reason}")
+                raise clients.ClientError(
+                    f"{len(failures)} of {count} herd clients got no or WRONG bytes (first: {reason})"
+                )
+            if not spread and run.start_spread > 1.0:
+                self.warn(f"{what} via {path}: the clients started over {run.start_spread:.1f} s, not within 1 s")
+            self.herd_record(herd, path, kind, figures, detail)
+            message = (
+                f"{what} via {path}: all done in {run.wall_seconds:.2f} s, {detail['upstream_blob_multiple']:.2f}x "
+                f"the blob over the link ({detail['upstream_gets']} GETs)"
+            )
+            if peaks is not None:
+                message += f", peak RSS {peaks.sum_of_peaks_kib / 1024:.0f} MiB"
+            self.log(message)
+
+        try:
+            self.attempt(what, path, one, figures)
+        finally:
+            if gateway is not None:
+                gateway.stop()
+
+    def herd_kind(self, count: int, spread: float) -> tuple[str, str, list[Figure]]:
+        """A herd's kind (alone, spread, simultaneous), its name and its figures."""
+        if count == 1:
+            label = f"herd: 1 client alone over the {self.options.herd_link_rate / MB:g} MB/s link"
+            return "alone", "1 client alone", [self.herd_figure("herd_alone_seconds", label, "s", "lower")]
+        if spread > 0:
+            what = f"herd of {count} spread over {spread:g} s"
+            return (
+                "spread",
+                what,
+                [
+                    self.herd_figure(f"herd_spread_{count}_seconds", f"{what}: all done", "s", "lower"),
+                    self.herd_figure(f"herd_spread_{count}_upstream", f"{what}: upstream / blob", "x", "lower"),
+                    self.herd_figure(f"herd_spread_{count}_rss", f"{what}: peak RSS", "MiB", "lower"),
+                ],
+            )
+        what = f"herd of {count}"
+        return (
+            "simultaneous",
+            what,
+            [
+                self.herd_figure(f"herd_{count}_seconds", f"{what}: time until all done", "s", "lower"),
+                self.herd_figure(f"herd_{count}_vs_alone", f"{what}: all done / 1 client alone", "x", "lower"),
+                self.herd_figure(f"herd_{count}_upstream", f"{what}: upstream bytes / blob", "x", "lower"),
+                self.herd_figure(f"herd_{count}_rss", f"{what}: peak RSS, proxy", "MiB", "lower"),
+            ],
+        )
+
+    def herd_detail(
+        self, herd: HerdBed, path: str, kind: str, spread: float, run: clients.HerdRun, peaks: procs.RssPeaks | None
+    ) -> dict[str, Any]:
+        """What the JSON keeps of one herd (appended to ``details.herd_scenario.runs`` at once)."""
+        settled = herd.link.wait_idle(10)  # the link's counts are final once no answer is on its way
+        upstream = herd.link.body_bytes_for(self.big_digest)
+        hex_digest = self.big_digest.partition(":")[2]
+        failures = run.failures(self.big_digest)
+        detail: dict[str, Any] = {
+            "path": path,
+            "kind": kind,
+            "clients": len(run.clients),
+            "spread_seconds": spread,
+            "all_done_seconds": run.wall_seconds,
+            "start_spread_seconds": run.start_spread,
+            "upstream_bytes": upstream,
+            "upstream_blob_multiple": upstream / self.big_size,
+            "upstream_gets": herd.link.gets_for(self.big_digest),
+            "registry_blob_gets": len([r for r in herd.hub.requests if r.method == "GET" and hex_digest in r.target]),
+            "link_idle_after": settled,
+            "peak_connections_at_link": herd.link.peak_connections,
+            "client_cpu_seconds": run.client_cpu_seconds,
+            "rss_peak_kib": peaks.sum_of_peaks_kib if peaks is not None else None,
+            "rss_peak_kib_per_pid": peaks.per_process_kib if peaks is not None else None,
+            "failed_clients": len(failures),
+            "per_client": [
+                {
+                    "started": round(c.started, 4),
+                    "done": round(c.done, 4),
+                    "MBps": round(c.transfer.bytes_per_second / MB, 1) if c.transfer is not None else None,
+                    "sha256_ok": c.ok(self.big_digest),
+                    **({"error": c.error} if c.error else {}),
+                    **({"digest": c.digest} if c.digest != self.big_digest else {}),
+                }
+                for c in run.clients
+            ],
+        }
+        herd.runs.append(detail)
+        return detail
+
+    @staticmethod
+    def herd_record(herd: HerdBed, path: str, kind: str, figures: list[Figure], detail: dict[str, Any]) -> None:
+        seconds = detail["all_done_seconds"]
+        figures[0].add(path, seconds)
+        if kind == "alone":
+            herd.alone[path] = figures[0].median(path) or seconds
+            return
+        if kind == "spread":
+            figures[1].add(path, detail["upstream_blob_multiple"])
+            if detail["rss_peak_kib"] is not None:
+                figures[2].add(path, detail["rss_peak_kib"] / 1024)
+            return
+        if path in herd.alone:
+            figures[1].add(path, seconds / herd.alone[path])
+        else:
+            figures[1].missing.setdefault(path, "no single-client time")
+        figures[2].add(path, detail["upstream_blob_multiple"])
+        if detail["rss_peak_kib"] is not None:
+            figures[3].add(path, detail["rss_peak_kib"] / 1024)
+
+    def herd_targets(self, largest: int) -> list[dict[str, Any]]:
+        """Issue 9's targets for the gateway, checked against this run; a warning for each one missed."""
+        o = self.options
+        herd = self.figures.herd
+        note = "" if largest >= 32 else f" (a target set for 32 clients; this run's largest herd is {largest})"
+
+        def median(key: str) -> float | None:
+            figure = herd.get(key)
+            return figure.median("gateway") if figure is not None else None
+
+        # (what, the gateway's figure, limit, operator, whether the target names 32 clients)
+        checks: list[tuple[str, float | None, float, str, bool]] = [
+            (f"herd of {largest}: all done / 1 client alone", median(f"herd_{largest}_vs_alone"), 1.5, "<=", True)
+        ]
+        for size in sorted({n for n in o.herd_clients if n > 0}):
+            checks.append(
+                (f"herd of {size}: upstream bytes / blob", median(f"herd_{size}_upstream"), 1.25, "<=", False)
+            )
+        if o.herd_spread > 0:
+            what = f"herd of {largest} spread over {o.herd_spread:g} s: upstream bytes / blob"
+            checks.append((what, median(f"herd_spread_{largest}_upstream"), 3.0, "<", False))
+        if (o.gateway_workers or 1) == 1:
+            what = f"herd of {largest}: peak RSS, MiB (1 worker)"
+            checks.append((what, median(f"herd_{largest}_rss"), 200.0, "<", True))
+        out = []
+        for what, value, limit, op, for_32 in checks:
+            met = None if value is None else (value <= limit if op == "<=" else value < limit)
+            out.append({"target": what, "gateway": value, "limit": limit, "op": op, "met": met})
+            if met is False:
+                self.warn(f"gateway {what}: {value:.2f}, target {op} {limit:g}{note if for_32 else ''}")
+        return out
 
     def server_pids(self, path: str) -> list[int]:
         if path == "gateway" and self.gateway is not None:
