@@ -7,7 +7,8 @@ same blob of the same route and repository (a *joiner*) reads the same bytes fro
 reader goes at its own pace:
 
 - the fetch reads upstream as fast as its fastest reader asks (at most ``READAHEAD`` ahead
-  of it), never as fast as the slowest;
+  of it), never as fast as the slowest, but no further than the window lets the herd follow:
+  only the slowest eighth of its readers (at least one) may fall out of it (``_ahead``);
 - the window holds the bytes between the slowest reader and the fastest (plus a short tail,
   ``retain``, for clients that come a moment later), at most ``window`` bytes; a reader that
   falls so far behind that its next bytes would leave the window is **detached**: it goes on
@@ -210,8 +211,8 @@ class SharedFetch:
                 if position < fetch.produced and position >= fetch.base:
                     piece = fetch._piece(position, reader.end)
                     reader.position += len(piece)
-                    if not fetch._room.is_set() and reader.position + READAHEAD > fetch.produced:
-                        fetch._room.set()
+                    if not fetch._room.is_set():
+                        fetch._room.set()  # the fetch waits for its readers: let it look again
                     yield piece
                     continue
                 if fetch.error is not None:
@@ -270,6 +271,22 @@ class SharedFetch:
     def _front(self) -> int:
         return max((r.position for r in self.readers), default=self.produced)
 
+    def _ahead(self) -> bool:
+        """Whether the fetch is far enough ahead of its readers to wait for them.
+
+        Never more than ``READAHEAD`` ahead of the fastest. And the fastest wait for the herd: the
+        fetch does not read so far that a reader other than the slowest eighth (at least one)
+        would fall out of the window. One slow client is detached and holds back no one, but when
+        most readers are slower than the link (clients short of CPU, or of bandwidth), they stay
+        together on one upstream body instead of each going on alone on its own."""
+        if self.produced - self._front() >= READAHEAD:
+            return True
+        if len(self.readers) < 2:
+            return False
+        positions = sorted(r.position for r in self.readers)
+        pace = positions[max(1, len(positions) // 8)]
+        return self.produced - pace >= self.window - min(READAHEAD, self.window // 2)
+
     async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
         try:
             await self._pump(body)
@@ -303,7 +320,7 @@ class SharedFetch:
                 # A fetch catching up with an older one reads on whatever its readers do: the older
                 # one's readers wait for it (a slow reader of its own falls out of its window and
                 # goes on alone, and the catch-up, or with no reader left the wait, ends).
-                while self.older is None and self.readers and self.produced - self._front() >= READAHEAD:
+                while self.older is None and self.readers and self._ahead():
                     self._room.clear()
                     await self._room.wait()
                 await self._wait_for_younger()

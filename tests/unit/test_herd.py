@@ -335,3 +335,27 @@ async def test_bytes_every_reader_has_had_leave_the_window() -> None:
     fetch, only = start(board, Upstream(data), data)
     assert await drain(fetch.read(only, no_own)) == data
     assert peak <= herd.RETAIN + herd.READAHEAD + (2 << 20)
+
+
+async def test_the_fastest_reader_waits_for_the_herd_not_for_the_slowest() -> None:
+    # Most readers slower than the upstream (clients short of CPU): they stay on one body; only
+    # the slowest eighth (at least one) may fall out of the window.
+    data = blob(12 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20)
+    up = Upstream(data)
+    fetch, fast = start(board, up, data)
+    herd_readers = [fetch.join(0, len(data)) for _ in range(6)]
+    crawler = fetch.join(0, len(data))
+
+    async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        assert resume.position < len(data)
+        yield data[resume.position :]
+
+    results = await asyncio.gather(
+        drain(fetch.read(fast, no_own)),
+        *(drain(fetch.read(r, no_own), pause=0.001) for r in herd_readers),
+        drain(fetch.read(crawler, own), pause=0.02),
+    )
+    assert all(r == data for r in results)
+    assert crawler.fetch is fetch
+    assert up.read == len(data)  # one upstream body for the herd; the crawler went on alone
