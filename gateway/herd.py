@@ -61,9 +61,11 @@ _COMPACT_AFTER = 512
 # default), so that a client coming a moment after the first joins from byte 0; later ones
 # catch up instead (``_merge``).
 RETAIN = 8 << 20
-# How long an older fetch of a blob waits for a younger one to catch up with it (``_merge``)
-# before it goes on regardless: its readers get no bytes while it waits.
-MERGE_PATIENCE = 10.0
+# How long in all an older fetch of a blob waits for younger ones to catch up with it
+# (``_merge``) before it goes on regardless: its readers get no bytes while it waits. And how
+# long a catch-up may make no progress before the wait ends.
+MERGE_PATIENCE = 15.0
+MERGE_STALL = 2.0
 
 
 class FetchBroken(Exception):
@@ -139,6 +141,8 @@ class SharedFetch:
         self.younger: SharedFetch | None = None
         self.merged = False
         self.created = asyncio.get_running_loop().time()
+        self.progressed = self.created  # when it last read a chunk
+        self._waited = 0.0  # seconds its readers waited for younger fetches in all
         self._younger_changed = asyncio.Event()
 
     # -- the leader's side -------------------------------------------------------------
@@ -352,6 +356,7 @@ class SharedFetch:
             self._free()
 
     def _append(self, chunk: bytes) -> None:
+        self.progressed = asyncio.get_running_loop().time()
         self._starts.append(self.produced)
         self._chunks.append(chunk)
         self.produced += len(chunk)
@@ -409,26 +414,42 @@ class SharedFetch:
         return self._task is not None and not self._task.done() and self.error is None and not self.merged
 
     async def _wait_for_younger(self) -> None:
-        """Read no further while a younger fetch of the blob catches up with this one (at most
-        ``MERGE_PATIENCE`` from its start): the upstream link is all its, and its clients then
-        read on from this fetch instead of costing a whole second fetch."""
+        """Read no further while a younger fetch of the blob catches up with this one: the upstream
+        link is all its, and its clients then read on from this fetch instead of costing a whole
+        second fetch. Bounded twice: the catch-up must keep moving (the youngest of the chain read
+        something in the last ``MERGE_STALL`` seconds), and this fetch's readers wait at most
+        ``MERGE_PATIENCE`` seconds in all, however many late clients come."""
         loop = asyncio.get_running_loop()
         while (younger := self.younger) is not None:
-            left = younger.created + MERGE_PATIENCE - loop.time()
             if younger.merged or younger.error is not None or younger.done:
                 self.younger = None
                 return
-            self._younger_changed.clear()
-            try:
-                async with asyncio.timeout(max(left, 0)):
-                    await self._younger_changed.wait()
-            except TimeoutError:
+            youngest = younger
+            while youngest.younger is not None:
+                youngest = youngest.younger
+            now = loop.time()
+            reason = None
+            if self._waited >= MERGE_PATIENCE:
+                reason = "patience"
+            elif now - youngest.progressed > MERGE_STALL:
+                reason = "stalled"
+            if reason is not None:
                 self.younger = None
                 fields = {"event": "shared_fetch_wait_ended", "digest": self.key[2], "offset": self.produced}
+                fields["reason"] = reason
                 logger.info(
                     "a younger fetch of a blob did not catch up in time; the older one reads on",
                     extra={"fields": fields},
                 )
+                return
+            self._younger_changed.clear()
+            try:
+                async with asyncio.timeout(min(MERGE_STALL, MERGE_PATIENCE - self._waited)):
+                    await self._younger_changed.wait()
+            except TimeoutError:
+                pass
+            finally:
+                self._waited += loop.time() - now
 
     def _unlink(self) -> None:
         """No longer catching up with an older fetch: it goes on."""
