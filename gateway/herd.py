@@ -14,7 +14,8 @@ reader goes at its own pace:
   falls so far behind that its next bytes would leave the window is **detached**: it goes on
   alone with its own upstream request (``Range: bytes=<offset>-``), so one slow client never
   holds back the others and never makes the gateway buffer without bound;
-- a board-wide cap on all windows (``memory``) turns sharing off for new fetches once reached.
+- a board-wide cap on all windows (``memory``) turns sharing off for new fetches once reached,
+  and shrinks the windows of those that pass it.
 
 Every byte is hashed once, by the fetch (``blob_check.py``); the last chunk enters the window
 only once the digest matched, so no reader sees a clean end of wrong bytes. The hash state
@@ -123,7 +124,6 @@ class SharedFetch:
         # Whether a break detaches the readers (each goes on with its own login) instead of
         # failing them: a passthrough route's fetch is opened with the leader's token only.
         self.detach_on_break = False
-        self.reserved = 0
         self._digest = ""
         self._hasher: StreamHasher | None = None
         self._starts: list[int] = []
@@ -289,7 +289,8 @@ class SharedFetch:
             return False
         positions = sorted(r.position for r in self.readers)
         pace = positions[max(1, len(positions) // 8)]
-        return self.produced - pace >= self.window - min(READAHEAD, self.window // 2)
+        window = self._window_now
+        return self.produced - pace >= window - min(READAHEAD, window // 2)
 
     async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
         try:
@@ -370,12 +371,20 @@ class SharedFetch:
         self._more.set()
         self._more = asyncio.Event()
 
+    @property
+    def _window_now(self) -> int:
+        """The window, or under memory pressure (all windows past the board's cap) a short one:
+        readers that lag more go on alone, and the memory goes back."""
+        if self.board.held <= self.board.memory:
+            return self.window
+        return min(self.window, self.board.retain + READAHEAD)
+
     def _evict(self) -> None:
         # Bytes every reader has had leave at once, but for a short tail (``RETAIN``) for clients
         # that come a moment later; bytes a reader still needs leave only once it is a window
         # behind, and it goes on alone.
         consumed = min((r.position for r in self.readers), default=self.produced) - self.board.retain
-        limit = max(self.produced - self.window, consumed)
+        limit = max(self.produced - self._window_now, consumed)
         if limit <= self.base:
             return
         target = limit
@@ -564,7 +573,6 @@ class Board:
         self._on_merge = on_merge
         self.merges = 0
         self._fetches: dict[Key, SharedFetch] = {}
-        self._reserved = 0
         self.held = 0  # bytes in all windows now (the gauge)
 
     @property
@@ -598,13 +606,10 @@ class Board:
             self._on_merge(fetch.key)
 
     def reserve(self, fetch: SharedFetch, size: int) -> bool:
-        """Room for ``fetch``'s window (at most ``size`` bytes), or False once the cap is reached."""
-        wanted = min(size, self.window + (1 << 20))
-        if self._reserved + wanted > self.memory:
-            return False
-        fetch.reserved = wanted
-        self._reserved += wanted
-        return True
+        """Whether a new fetch may be shared: the windows' bytes now, plus what it holds at
+        first, stay under the cap (else it is relayed alone). Windows that grow past the cap
+        shrink (``SharedFetch._window_now``)."""
+        return self.held + min(size, self.retain + READAHEAD) <= self.memory
 
     def in_flight(self) -> int:
         return sum(1 for f in self._fetches.values() if f.shared)
@@ -614,8 +619,6 @@ class Board:
             del self._fetches[fetch.key]
 
     def _release(self, fetch: SharedFetch) -> None:
-        self._reserved -= fetch.reserved
-        fetch.reserved = 0
         held = fetch.produced - fetch.base if fetch._chunks else 0
         if held:
             self._held(-held)

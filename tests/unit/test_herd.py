@@ -248,10 +248,11 @@ async def test_a_joiner_starts_where_the_window_still_holds() -> None:
 
 
 async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
-    board = herd.Board(window=8 << 20, memory=12 << 20)
+    board = herd.Board(window=8 << 20, memory=32 << 20)
     first = board.lead(("r", "a", "sha256:a"))
-    second = board.lead(("r", "b", "sha256:b"))
     assert board.reserve(first, 100 << 20)
+    board._held(30 << 20)  # the windows hold this much now
+    second = board.lead(("r", "b", "sha256:b"))
     assert not board.reserve(second, 100 << 20)  # would pass the cap: relayed alone
     assert board.reserve(second, 1 << 20)  # a small blob still fits
 
@@ -359,3 +360,28 @@ async def test_the_fastest_reader_waits_for_the_herd_not_for_the_slowest() -> No
     assert all(r == data for r in results)
     assert crawler.fetch is fetch
     assert up.read == len(data)  # one upstream body for the herd; the crawler went on alone
+
+
+async def test_windows_past_the_memory_cap_shrink() -> None:
+    data = blob(24 << 20)
+    board = herd.Board(window=16 << 20, memory=6 << 20, retain=1 << 20)
+    peak = 0
+
+    def held(delta: int) -> None:
+        nonlocal peak
+        peak = max(peak, board.held)
+
+    board._on_held = held
+    up = Upstream(data)
+    fetch, fast = start(board, up, data)
+    slow = fetch.join(0, len(data))
+    gone: list[int] = []
+
+    async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        gone.append(resume.position)
+        yield data[resume.position :]
+
+    results = await asyncio.gather(drain(fetch.read(fast, no_own)), drain(fetch.read(slow, own), pause=0.003))
+    assert list(results) == [data, data]
+    assert gone  # the slow one went on alone long before it was 16 MiB behind
+    assert peak <= (6 << 20) + (2 << 20)  # the cap, a mark interval and a chunk: never the 16 MiB window
