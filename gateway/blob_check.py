@@ -113,6 +113,12 @@ class StreamHasher:
         self._pending = []
         self._pending_bytes = 0
 
+    async def settle(self) -> None:
+        """Let the batch in flight finish and take in its mark (the bytes not yet batched wait)."""
+        if self._job is not None:
+            await asyncio.shield(self._job)
+        self.collect()
+
     async def hexdigest(self) -> str:
         """The digest of everything fed, ``algorithm:hex``."""
         if self._job is not None:

@@ -313,15 +313,16 @@ class SharedFetch:
             async for chunk in body:
                 if not chunk:
                     continue
-                if hasher is None:
-                    self._append(chunk)  # unchecked: nothing to hold back
-                else:
+                piece: bytes | None = chunk
+                if hasher is not None:
                     await hasher.feed(chunk)
-                    if held is not None:
-                        self._append(held)
-                    held = chunk
-                if self.merged:
-                    return  # its readers read on from the older fetch
+                    piece, held = held, chunk  # the one before goes in: the last waits for the digest
+                if piece is not None:
+                    if self.older is not None and self.produced + len(piece) > self.older.produced:
+                        await self._merge_at_the_older_front()
+                    if self.merged:
+                        return  # its readers read on from the older fetch
+                    self._append(piece)
                 # A fetch catching up with an older one reads on whatever its readers do: the older
                 # one's readers wait for it (a slow reader of its own falls out of its window and
                 # goes on alone, and the catch-up, or with no reader left the wait, ends).
@@ -466,6 +467,18 @@ class SharedFetch:
         if older is not None and older.younger is self:
             older.younger = None
             older._younger_changed.set()
+
+    async def _merge_at_the_older_front(self) -> None:
+        """Caught up with all the older fetch has: merge now (both hashes settled), never read past it
+        (what a reader got beyond the older fetch's bytes would be covered by neither digest check)."""
+        for fetch in (self, self.older):
+            if fetch is not None and fetch._hasher is not None:
+                await fetch._hasher.settle()
+        if self.older is None:
+            return
+        self._merge()
+        if not self.merged:
+            self._unlink()  # they could not be compared, or differ: each goes on alone
 
     def _merge(self) -> None:
         """Once this fetch has caught up into an older one's window, its readers move there."""

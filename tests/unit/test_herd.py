@@ -385,3 +385,27 @@ async def test_windows_past_the_memory_cap_shrink() -> None:
     assert list(results) == [data, data]
     assert gone  # the slow one went on alone long before it was 16 MiB behind
     assert peak <= (6 << 20) + (2 << 20)  # the cap, a mark interval and a chunk: never the 16 MiB window
+
+
+async def test_a_catch_up_stops_at_the_older_front_and_merges_there() -> None:
+    # The older fetch holds little (its reader keeps up; a 1 MiB tail): the younger one must not
+    # read past what the older has, or it could never hand its reader over.
+    data = blob(16 << 20)
+    board = herd.Board(window=64 << 20, memory=256 << 20, retain=1 << 20)
+    older, early = start(board, Upstream(data), data)
+    chunks = older.read(early, no_own)
+    got = bytearray()
+    while len(got) < (6 << 20):
+        got += await anext(chunks)
+    late_up = Upstream(data)
+    younger = board.lead(older.key)
+    assert board.reserve(younger, len(data))
+    late = younger.start(
+        [], len(data), late_up.body(), digest=digest_of(data), algorithm="sha256", detach_on_break=False
+    )
+    early_rest, late_bytes = await asyncio.gather(drain(chunks), drain(younger.read(late, no_own)))
+    assert bytes(got) + early_rest == data
+    assert late_bytes == data
+    assert board.merges == 1
+    assert late.fetch is older
+    assert late_up.read < 12 << 20
