@@ -9,7 +9,7 @@ import bcrypt
 import httpx
 import pytest
 
-from tests.e2e.clients import Dockerd, Skopeo, verify_dir_copy
+from tests.e2e.clients import Dockerd, Podman, Skopeo, verify_dir_copy
 from tests.e2e.conftest import gateway_routes
 from tests.support import Gateway, free_port, run_gateway
 from tests.testbed.bed import Testbed
@@ -30,6 +30,29 @@ def test_passthrough_login_with_skopeo(skopeo: Skopeo, gateway: Gateway, testbed
         skopeo.copy_all(ref, tmp_path / "other", "--src-creds", other)
     with pytest.raises(AssertionError, match="(?i)unauthorized|denied"):
         skopeo.copy_all(ref, tmp_path / "wrong", "--src-creds", "ghcr-user:wrong-password")
+
+
+def test_passthrough_podman_login_and_pull(podman: Podman, gateway: Gateway, testbed: Testbed, tmp_path: Path):
+    """Host mode (``login.gw.test`` is the passthrough route's host): podman's own login, relayed."""
+    registry = f"login.gw.test:{gateway.port}"
+    ref = f"{registry}/private/secret-app:v1"
+    conf = tmp_path / "registries.conf"
+    conf.write_text("unqualified-search-registries = []\n")
+    authfile = tmp_path / "auth.json"
+    authfile.write_text('{"auths": {}}')
+    flags = ["--tls-verify=false", "--authfile", str(authfile)]
+    user, password = testbed.credentials.as_tuple()
+    with pytest.raises(AssertionError, match="(?i)unauthorized|denied|authentication required"):
+        podman("pull", *flags, ref, registries_conf=conf)
+    with pytest.raises(AssertionError, match="(?i)invalid username/password|unauthorized"):
+        podman("login", *flags, "-u", user, "--password-stdin", registry, registries_conf=conf, stdin="wrong\n")
+    login = podman(
+        "login", *flags, "-u", user, "--password-stdin", registry, registries_conf=conf, stdin=password + "\n"
+    )
+    assert "Login Succeeded" in login.stdout
+    podman("pull", *flags, ref, registries_conf=conf)
+    assert podman.digest(ref, conf) == testbed.images["secret-app"].digest
+    podman("rmi", ref, registries_conf=conf)
 
 
 def test_passthrough_docker_login_and_pull(dockerd: Dockerd, gateway: Gateway, testbed: Testbed):
