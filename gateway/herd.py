@@ -216,7 +216,11 @@ class SharedFetch:
                     piece = fetch._piece(position, reader.end)
                     reader.position += len(piece)
                     if not fetch._room.is_set():
-                        fetch._room.set()  # the fetch waits for its readers: let it look again
+                        # The fetch waits for its readers: wake it when this one may be what it
+                        # waits for (near the front, or far enough behind to pace the herd).
+                        lag = fetch.produced - reader.position
+                        if lag < READAHEAD or lag >= fetch._window_now // 2:
+                            fetch._room.set()
                     yield piece
                     continue
                 if fetch.error is not None:
