@@ -36,9 +36,16 @@ def registry_errors(resp: httpx.Response) -> list[dict]:
 
 
 def test_ping(gateway: Gateway):
-    resp = httpx.get(f"{gateway.url}/v2/")
+    # By a host route's name: 200.
+    resp = httpx.get(f"{gateway.url}/v2/", headers={"host": f"docker.gw.test:{gateway.port}"})
     assert resp.status_code == 200
     assert resp.headers["docker-distribution-api-version"] == "registry/2.0"
+    # On the shared host (no host pattern claims 127.0.0.1) a route reachable by prefix passes logins
+    # through (login-ghcr.test): the ping asks for a login (docs/security.md, "Logins on a shared host").
+    shared = httpx.get(f"{gateway.url}/v2/")
+    assert shared.status_code == 401
+    assert shared.headers["www-authenticate"].startswith(f'Bearer realm="http://127.0.0.1:{gateway.port}/auth/token"')
+    assert shared.headers["docker-distribution-api-version"] == "registry/2.0"
 
 
 def test_hundred_concurrent_requests_cause_one_token_request(fresh_gateway: Gateway, testbed: Testbed, token_stats):
