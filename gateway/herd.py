@@ -628,9 +628,6 @@ class Board:
         shrink (``SharedFetch._window_now``)."""
         return self.held + min(size, self.retain + READAHEAD) <= self.memory
 
-    def in_flight(self) -> int:
-        return sum(1 for f in self._fetches.values() if f.shared)
-
     def _forget(self, fetch: SharedFetch) -> None:
         if self._fetches.get(fetch.key) is fetch:
             del self._fetches[fetch.key]
