@@ -94,10 +94,6 @@ class Reader:
     fetch: SharedFetch
     resume: Resume | None = None
 
-    @property
-    def detached(self) -> bool:
-        return self.resume is not None
-
 
 Continue = Callable[[Resume], AsyncIterator[bytes]]
 
@@ -397,13 +393,10 @@ class SharedFetch:
         if hasher is not None:
             # Only down to a mark: a reader detached later needs the hash state at a mark
             # at or below its offset, and the bytes from there on.
-            hasher.collect()
-            marks = hasher.marks
-            assert marks is not None
-            below = bisect.bisect_right(marks, limit, key=lambda m: m[0]) - 1
-            target = marks[below][0] if below >= 0 else self.base
-            if target <= self.base:
+            mark = self._mark_below(limit)
+            if mark is None or mark[0] <= self.base:
                 return
+            target = mark[0]
         for reader in [r for r in self.readers if r.position < target]:
             self._detach(reader, "slow")
         dropped = 0
@@ -532,22 +525,34 @@ class SharedFetch:
             return None
         return mine == theirs
 
-    def _digest_at(self, position: int) -> str | None:
-        """The hash of the blob's first ``position`` bytes, from a mark and the window after it."""
+    def _mark_below(self, offset: int) -> tuple[int, hashlib._Hash] | None:
+        """The latest hash mark at or below ``offset`` whose bytes after it the window still has."""
         hasher = self._hasher
         assert hasher is not None
         hasher.collect()
         marks = hasher.marks
         assert marks is not None
-        below = bisect.bisect_right(marks, position, key=lambda m: m[0]) - 1
-        if below < 0 or marks[below][0] < self.base:
+        below = bisect.bisect_right(marks, offset, key=lambda m: m[0]) - 1
+        return marks[below] if below >= 0 and marks[below][0] >= self.base else None
+
+    def _pieces(self, start: int, end: int) -> list[bytes]:
+        """The window's bytes from ``start`` to ``end`` (both inside it), as the chunks hold them."""
+        pieces = []
+        while start < end:
+            piece = self._piece(start, end)
+            pieces.append(piece)
+            start += len(piece)
+        return pieces
+
+    def _digest_at(self, position: int) -> str | None:
+        """The hash of the blob's first ``position`` bytes, from a mark and the window after it."""
+        mark = self._mark_below(position)
+        if mark is None:
             return None
-        offset, state = marks[below]
+        offset, state = mark
         state = state.copy()
-        while offset < position:
-            piece = self._piece(offset, position)
+        for piece in self._pieces(offset, position):
             state.update(piece)
-            offset += len(piece)
         return state.hexdigest()
 
     def _detach(self, reader: Reader, reason: str) -> None:
@@ -556,17 +561,11 @@ class SharedFetch:
         resume = Resume(position, reason)
         hasher = self._hasher
         if hasher is not None:
-            hasher.collect()
-            marks = hasher.marks
-            assert marks is not None
-            below = bisect.bisect_right(marks, position, key=lambda m: m[0]) - 1
-            mark_offset, state = marks[below]
-            resume.hasher = StreamHasher(hasher.algorithm, state=state.copy(), fed=mark_offset)
-            offset = mark_offset
-            while offset < position:
-                piece = self._piece(offset, position)
-                resume.prefix.append(piece)
-                offset += len(piece)
+            mark = self._mark_below(position)
+            assert mark is not None  # the window never drops the bytes after the mark below a reader
+            offset, state = mark
+            resume.hasher = StreamHasher(hasher.algorithm, state=state.copy(), fed=offset)
+            resume.prefix = self._pieces(offset, position)
         reader.resume = resume
         self.readers.discard(reader)
         self._wake()
@@ -622,10 +621,10 @@ class Board:
         if self._on_merge is not None:
             self._on_merge(fetch.key)
 
-    def reserve(self, fetch: SharedFetch, size: int) -> bool:
-        """Whether a new fetch may be shared: the windows' bytes now, plus what it holds at
-        first, stay under the cap (else it is relayed alone). Windows that grow past the cap
-        shrink (``SharedFetch._window_now``)."""
+    def has_room(self, size: int) -> bool:
+        """Whether a new fetch of a ``size``-byte blob may be shared: the windows' bytes now, plus
+        what it holds at first, stay under the cap (else it is relayed alone). Windows that grow
+        past the cap shrink (``SharedFetch._window_now``)."""
         return self.held + min(size, self.retain + READAHEAD) <= self.memory
 
     def _forget(self, fetch: SharedFetch) -> None:

@@ -596,7 +596,7 @@ class Relay:
         if resp.status_code != 200 or not length.isdigit() or int(length) == 0 or "content-encoding" in resp.headers:
             return None
         total = int(length)
-        if not self.board.reserve(fetch, total):
+        if not self.board.has_room(total):
             ex.record.share = "bypassed"
             return None
         client = self.clients[ex.route_name]

@@ -66,7 +66,7 @@ def start(
     board: herd.Board, up: Upstream, data: bytes, *, verify: bool = True, detach_on_break: bool = False
 ) -> tuple[herd.SharedFetch, herd.Reader]:
     fetch = board.lead(("r", "repo", digest_of(data)))
-    assert board.reserve(fetch, len(data))
+    assert board.has_room(len(data))
     reader = fetch.start(
         [],
         len(data),
@@ -249,12 +249,10 @@ async def test_a_joiner_starts_where_the_window_still_holds() -> None:
 
 async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
     board = herd.Board(window=8 << 20, memory=32 << 20)
-    first = board.lead(("r", "a", "sha256:a"))
-    assert board.reserve(first, 100 << 20)
+    assert board.has_room(100 << 20)
     board._held(30 << 20)  # the windows hold this much now
-    second = board.lead(("r", "b", "sha256:b"))
-    assert not board.reserve(second, 100 << 20)  # would pass the cap: relayed alone
-    assert board.reserve(second, 1 << 20)  # a small blob still fits
+    assert not board.has_room(100 << 20)  # would pass the cap: relayed alone
+    assert board.has_room(1 << 20)  # a small blob still fits
 
 
 async def test_a_late_fetch_catches_up_with_an_older_one_and_hands_its_readers_over() -> None:
@@ -273,7 +271,7 @@ async def test_a_late_fetch_catches_up_with_an_older_one_and_hands_its_readers_o
     late_up = Upstream(data)
     younger = board.lead(older.key)
     assert younger.older is older
-    assert board.reserve(younger, len(data))
+    assert board.has_room(len(data))
     late = younger.start(
         [],
         len(data),
@@ -305,7 +303,7 @@ async def test_fetches_whose_first_bytes_differ_do_not_merge() -> None:
         got += await anext(chunks)
     wrong = Upstream(data, flip_at=1000)  # a mirror with one wrong byte in the head
     younger = board.lead(older.key)
-    assert board.reserve(younger, len(data))
+    assert board.has_room(len(data))
     late = younger.start([], len(data), wrong.body(), digest=digest_of(data), algorithm="sha256", detach_on_break=False)
 
     async def late_read() -> None:
@@ -399,7 +397,7 @@ async def test_a_catch_up_stops_at_the_older_front_and_merges_there() -> None:
         got += await anext(chunks)
     late_up = Upstream(data)
     younger = board.lead(older.key)
-    assert board.reserve(younger, len(data))
+    assert board.has_room(len(data))
     late = younger.start(
         [], len(data), late_up.body(), digest=digest_of(data), algorithm="sha256", detach_on_break=False
     )
