@@ -62,11 +62,20 @@ _COMPACT_AFTER = 512
 # default), so that a client coming a moment after the first joins from byte 0; later ones
 # catch up instead (``_merge``).
 RETAIN = 8 << 20
-# How long in all an older fetch of a blob waits for younger ones to catch up with it
-# (``_merge``) before it goes on regardless: its readers get no bytes while it waits. And how
-# long a catch-up may make no progress before the wait ends.
-MERGE_PATIENCE = 15.0
+# What a fetch keeps of a blob's first bytes before a second client came (at most a window):
+# at 100 MB/s the first third of a second, so that the next client of a rollout that starts
+# one node at a time still finds byte 0 and the fetch starts gathering (``_hold``).
+HEAD = 32 << 20
+# How long in all a fetch's readers wait for latecomers: while it holds its head for clients
+# that keep coming (``_hold``) and while younger fetches catch up with it (``_merge``); after
+# that it goes on regardless. And how long a catch-up may make no progress before the wait ends.
+PATIENCE = 15.0
 MERGE_STALL = 2.0
+# Herd pacing (``_ahead``): when the fetch spent more than this share of a period waiting for its
+# slowest reader, that reader is let go (it falls out of the window and goes on alone), if it is in
+# the slowest eighth of the herd.
+PACE_PERIOD = 0.25
+PACE_SHARE = 0.5
 
 
 class FetchBroken(Exception):
@@ -93,6 +102,7 @@ class Reader:
     end: int  # exclusive
     fetch: SharedFetch
     resume: Resume | None = None
+    loose: bool = False  # the herd no longer waits for it (``SharedFetch._review_pace``)
 
 
 Continue = Callable[[Resume], AsyncIterator[bytes]]
@@ -138,8 +148,18 @@ class SharedFetch:
         self.merged = False
         self.created = asyncio.get_running_loop().time()
         self.progressed = self.created  # when it last read a chunk
-        self._waited = 0.0  # seconds its readers waited for younger fetches in all
+        self._waited = 0.0  # seconds its readers waited for latecomers in all (``PATIENCE``)
         self._younger_changed = asyncio.Event()
+        # Gathering (``_hold``): once a second client came for the whole blob while the first byte
+        # was still here, the fetch keeps every byte from the first (up to a window) for more.
+        self.gathering = False
+        self._gathered = False  # it gathered once and let go: never again
+        self.last_join = self.created  # when the latest client came for the whole blob
+        self._paced_since = self.created  # the current period of herd pacing (``_review_pace``)
+        self._paced = 0.0  # seconds of it spent waiting for the slowest reader
+        self.chunks = 0  # chunks in (or through) the window
+        self.served = 0  # readers it fed, joiners and readers handed over included
+        self.detached = 0
 
     # -- the leader's side -------------------------------------------------------------
 
@@ -191,6 +211,10 @@ class SharedFetch:
         return self.base <= position < self.total and bool(self.readers)
 
     def join(self, start: int, end: int) -> Reader:
+        if start == 0:
+            self.last_join = asyncio.get_running_loop().time()
+            if self.base == 0 and not self._gathered:
+                self.gathering = True
         return self._attach(start, end)
 
     async def read(self, reader: Reader, own: Continue) -> AsyncGenerator[bytes, None]:
@@ -240,6 +264,7 @@ class SharedFetch:
 
     def _attach(self, start: int, end: int) -> Reader:
         reader = Reader(start, end, self)
+        self.served += 1
         self.readers.add(reader)
         return reader
 
@@ -275,22 +300,47 @@ class SharedFetch:
     def _front(self) -> int:
         return max((r.position for r in self.readers), default=self.produced)
 
-    def _ahead(self) -> bool:
-        """Whether the fetch is far enough ahead of its readers to wait for them.
+    def _ahead(self) -> str | None:
+        """Why the fetch should wait for its readers before it reads on, if it should.
 
-        Never more than ``READAHEAD`` ahead of the fastest. And the fastest wait for the herd: the
-        fetch does not read so far that a reader other than the slowest eighth (at least one)
-        would fall out of the window. One slow client is detached and holds back no one, but when
-        most readers are slower than the link (clients short of CPU, or of bandwidth), they stay
-        together on one upstream body instead of each going on alone on its own."""
+        ``"front"``: it is ``READAHEAD`` ahead of the fastest. ``"herd"``: the fastest wait for the
+        herd, the fetch reads no further than its slowest reader can follow in the window, unless
+        that reader was let go (``_review_pace``). Readers only a little slower than the rest
+        (clients short of CPU, whom the scheduler serves unevenly) stay together on one upstream
+        body instead of each going on alone; while the herd waits for them they get the cores."""
         if self.produced - self._front() >= READAHEAD:
-            return True
+            return "front"
         if len(self.readers) < 2:
-            return False
-        positions = sorted(r.position for r in self.readers)
-        pace = positions[max(1, len(positions) // 8)]
+            return None
         window = self._window_now
-        return self.produced - pace >= window - min(READAHEAD, window // 2)
+        edge = self.produced - window + min(READAHEAD, window // 2)
+        if any(r.position <= edge and not r.loose for r in self.readers):
+            return "herd"
+        return None
+
+    def _herd_waits(self) -> bool:
+        """Whether most readers have all the fetch has (they wait for bytes the slowest holds back), not
+        merely some slow one being at the window's edge: a herd short of CPU, its readers spread
+        over the window, would be no faster without its slowest reader."""
+        caught_up = sum(1 for r in self.readers if self.produced - r.position < READAHEAD)
+        return 2 * caught_up > len(self.readers)
+
+    def _review_pace(self, now: float) -> None:
+        """Once a period: if the fetch spent more than ``PACE_SHARE`` of it waiting for its slowest
+        reader, the herd goes at less than half the speed it could without it: that reader is let go
+        (one per period, at most the slowest eighth, at least one), and is detached once it is a
+        window behind. A slow client holds back no one for long. A herd that the link holds back
+        more than its slowest reader does (the fetch waits for upstream bytes, not for readers)
+        loses no one: a detached reader's own request would only take a share of the same link."""
+        elapsed = now - self._paced_since
+        if elapsed < PACE_PERIOD:
+            return
+        share = self._paced / elapsed
+        self._paced_since, self._paced = now, 0.0
+        if share > PACE_SHARE and len(self.readers) > 1:
+            held_back = [r for r in self.readers if not r.loose]
+            if len(self.readers) - len(held_back) < max(1, len(self.readers) // 8):
+                min(held_back, key=lambda r: r.position).loose = True
 
     async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
         try:
@@ -323,13 +373,7 @@ class SharedFetch:
                     if self.merged:
                         return  # its readers read on from the older fetch
                     self._append(piece)
-                # A fetch catching up with an older one reads on whatever its readers do: the older
-                # one's readers wait for it (a slow reader of its own falls out of its window and
-                # goes on alone, and the catch-up, or with no reader left the wait, ends).
-                while self.older is None and self.readers and self._ahead():
-                    self._room.clear()
-                    await self._room.wait()
-                await self._wait_for_younger()
+                await self._between_chunks()
             if hasher is not None:
                 self.actual = await hasher.hexdigest()
                 if self.actual != self._digest:
@@ -341,6 +385,25 @@ class SharedFetch:
             raise FetchBroken(f"the upstream body ended at {self.produced} of {self.total} bytes")
         if held is not None:
             self._append(held)  # the last chunk, only now that the digest matched
+
+    async def _between_chunks(self) -> None:
+        """Before the next upstream read: wait for the readers, hold for latecomers, or wait while a
+        younger fetch catches up. A fetch catching up with an older one reads on whatever its readers
+        do: the older one's readers wait for it (a slow reader of its own falls out of its window and
+        goes on alone, and the catch-up, or with no reader left the wait, ends); nor does it hold."""
+        loop = asyncio.get_running_loop()
+        while self.older is None and self.readers and (why := self._ahead()) is not None:
+            self._room.clear()
+            began = loop.time()
+            held_back = why == "herd" and self._herd_waits()
+            await self._room.wait()
+            if held_back:
+                self._paced += loop.time() - began
+        self._review_pace(loop.time())
+        window = self._window_now
+        if self.gathering and self.produced >= window - min(READAHEAD, window // 2):
+            await self._hold()
+        await self._wait_for_younger()
 
     async def _finish(self, close: Callable[[], object] | None) -> None:
         self._wake()
@@ -354,6 +417,10 @@ class SharedFetch:
                     await result
         if self._on_end is not None:
             self._on_end(self)
+        fields: dict[str, object] = {"event": "shared_fetch_ended", "digest": self.key[2], "bytes": self.produced}
+        fields.update(chunks=self.chunks, readers=self.served, detached=self.detached, waited=round(self._waited, 3))
+        fields["outcome"] = "merged" if self.merged else "complete" if self.done else type(self.error).__name__
+        logger.info("a shared upstream body ended", extra={"fields": fields})
         if not self.readers:
             self._free()
 
@@ -361,6 +428,7 @@ class SharedFetch:
         self.progressed = asyncio.get_running_loop().time()
         self._starts.append(self.produced)
         self._chunks.append(chunk)
+        self.chunks += 1
         self.produced += len(chunk)
         self.board._held(len(chunk))
         self._evict()
@@ -382,9 +450,15 @@ class SharedFetch:
 
     def _evict(self) -> None:
         # Bytes every reader has had leave at once, but for a short tail (``RETAIN``) for clients
-        # that come a moment later; bytes a reader still needs leave only once it is a window
-        # behind, and it goes on alone.
+        # that come a moment later, and the head (``HEAD``; all of the window while gathering)
+        # for the next client of a rollout; bytes a reader still needs leave only once it is a
+        # window behind, and it goes on alone. Past the board's cap, nothing is kept for later.
         consumed = min((r.position for r in self.readers), default=self.produced) - self.board.retain
+        if self.base == 0 and self.board.held <= self.board.memory:
+            if self.gathering or (not self._gathered and self.produced <= self.board.head):
+                consumed = 0
+        elif self.gathering:
+            self.gathering, self._gathered = False, True
         limit = max(self.produced - self._window_now, consumed)
         if limit <= self.base:
             return
@@ -420,12 +494,44 @@ class SharedFetch:
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and self.error is None and not self.merged
 
+    async def _hold(self) -> None:
+        """Gathering, with a window's worth read: read no further while clients keep coming, so that
+        they join from the first byte instead of each costing a catch-up (the doors of a lift, held
+        while people keep arriving). A rollout that starts its nodes over seconds then costs one
+        fetch, not one per node (``docs/performance.md``); the early clients wait meanwhile.
+
+        It holds until no client came for as long as the window took to read (waiting longer for
+        one more would cost more than reading its bytes again), at most until its readers waited
+        ``PATIENCE`` in all, and not past the board's memory cap. Then the head leaves as usual
+        and later clients catch up (``_merge``)."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        fill = began - self.created
+        reason = "quiet"
+        while self.readers and self.older is None:
+            now = loop.time()
+            left = min(self.last_join + fill - now, PATIENCE - self._waited)
+            if self.board.held > self.board.memory:
+                reason = "memory"
+                break
+            if left <= 0:
+                reason = "patience" if self._waited >= PATIENCE else "quiet"
+                break
+            await asyncio.sleep(left)
+            self._waited += loop.time() - now
+        self.gathering, self._gathered = False, True
+        held = loop.time() - began
+        if held > 0.01:
+            fields: dict[str, object] = {"event": "shared_fetch_held", "digest": self.key[2], "offset": self.produced}
+            fields.update(seconds=round(held, 3), readers=len(self.readers), reason=reason)
+            logger.info("a shared fetch held its first bytes for clients that kept coming", extra={"fields": fields})
+
     async def _wait_for_younger(self) -> None:
         """Read no further while a younger fetch of the blob catches up with this one: the upstream
         link is all its, and its clients then read on from this fetch instead of costing a whole
         second fetch. Bounded twice: the catch-up must keep moving (the youngest of the chain read
         something in the last ``MERGE_STALL`` seconds), and this fetch's readers wait at most
-        ``MERGE_PATIENCE`` seconds in all, however many late clients come."""
+        ``PATIENCE`` seconds in all (holds included), however many late clients come."""
         loop = asyncio.get_running_loop()
         while (younger := self.younger) is not None:
             if younger.merged or younger.error is not None or younger.done:
@@ -436,7 +542,7 @@ class SharedFetch:
                 youngest = youngest.younger
             now = loop.time()
             reason = None
-            if self._waited >= MERGE_PATIENCE:
+            if self._waited >= PATIENCE:
                 reason = "patience"
             elif now - youngest.progressed > MERGE_STALL:
                 reason = "stalled"
@@ -451,7 +557,7 @@ class SharedFetch:
                 return
             self._younger_changed.clear()
             try:
-                async with asyncio.timeout(min(MERGE_STALL, MERGE_PATIENCE - self._waited)):
+                async with asyncio.timeout(min(MERGE_STALL, PATIENCE - self._waited)):
                     await self._younger_changed.wait()
             except TimeoutError:
                 pass
@@ -504,6 +610,7 @@ class SharedFetch:
                 self.readers.discard(reader)
                 reader.fetch = older
                 older.readers.add(reader)
+                older.served += 1
                 moved += 1
             else:
                 self._detach(reader, "slow")
@@ -568,6 +675,7 @@ class SharedFetch:
             resume.prefix = self._pieces(offset, position)
         reader.resume = resume
         self.readers.discard(reader)
+        self.detached += 1
         self._wake()
 
 
@@ -581,10 +689,12 @@ class Board:
         on_held: Callable[[int], None] | None = None,
         on_merge: Callable[[Key], None] | None = None,
         retain: int = RETAIN,
+        head: int = HEAD,
     ) -> None:
         self.window = window
         self.memory = memory
         self.retain = min(retain, window)
+        self.head = min(head, window)
         self._on_held = on_held
         self._on_merge = on_merge
         self.merges = 0

@@ -75,8 +75,20 @@ class Blob:
 
 @pytest.fixture(scope="module")
 def herd_blob(testbed: Testbed) -> Blob:
+    return push_blob(testbed, HERD_BLOB)
+
+
+@pytest.fixture(scope="module")
+def long_blob(testbed: Testbed) -> Blob:
+    # For the slow client: the herd waits a moment for its slowest reader before it lets it go
+    # (gateway/herd.py, PACE_PERIOD), and a slow curl swallows some 15 MiB into its buffers and
+    # the sockets' first: the blob must be long enough beyond both for it to fall a window behind.
+    return push_blob(testbed, 2 * HERD_BLOB)
+
+
+def push_blob(testbed: Testbed, size: int) -> Blob:
     """A random blob pushed (no manifest needed) to ghcr's ``org/herd`` and ``private/herd``."""
-    data = os.urandom(HERD_BLOB)
+    data = os.urandom(size)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     base = testbed.ghcr.registry_url
     for repo in (PUBLIC, PRIVATE):
@@ -263,8 +275,9 @@ SMALL_WINDOW = 8 * MIB
 
 
 def test_a_slow_client_is_detached_and_still_gets_every_byte(
-    testbed: Testbed, herd_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
+    testbed: Testbed, long_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
 ) -> None:
+    herd_blob = long_blob
     # The upstream paced at 32 MiB/s: the fetch's first byte stays in the 8 MiB window for a
     # quarter of a second, time enough for the fast ones to start (and join) after the slow one,
     # however much the slow curl swallows at first.
@@ -272,8 +285,8 @@ def test_a_slow_client_is_detached_and_still_gets_every_byte(
     gw = start_gateway("ghcr.io", front.url, {"GATEWAY_SHARED_WINDOW_BYTES": str(SMALL_WINDOW)})
     url = f"{gw.url}/v2/{PUBLIC}/blobs/{herd_blob.digest}"
 
-    # 4 MiB/s: 8 s for the blob (2 MiB/s would take 16); the others take 1 s.
-    slow = Pull(url, "slow", rate="4M")
+    # 8 MiB/s: 8 s for the blob; the others take 2 s.
+    slow = Pull(url, "slow", rate="8M")
     slow.wait_for_bytes(64 << 10)  # it leads: the fetch is open
     fast = [Pull(url, f"fast-{i}") for i in range(4)]
     for p in [*fast, slow]:

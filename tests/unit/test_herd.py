@@ -14,6 +14,13 @@ from gateway.blob_check import DigestMismatch
 CHUNK = 64 << 10
 
 
+@pytest.fixture(autouse=True)
+def quick_pacing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The herd lets a slow reader go after a period of waiting for it: a second is long beside
+    # these blobs, read from memory in milliseconds.
+    monkeypatch.setattr(herd, "PACE_PERIOD", 0.01)
+
+
 def blob(size: int) -> bytes:
     return bytes((i * 7 + i // 251) % 256 for i in range(size))
 
@@ -25,8 +32,11 @@ def digest_of(data: bytes) -> str:
 class Upstream:
     """An upstream body: counts what was read, can pause at an offset, break, or flip a byte."""
 
-    def __init__(self, data: bytes, *, break_at: int | None = None, flip_at: int | None = None) -> None:
+    def __init__(
+        self, data: bytes, *, break_at: int | None = None, flip_at: int | None = None, delay: float = 0.0
+    ) -> None:
         self.data = bytearray(data)
+        self.delay = delay  # seconds per chunk: a link of CHUNK / delay bytes per second
         if flip_at is not None:
             self.data[flip_at] ^= 0xFF
         self.break_at = break_at
@@ -43,7 +53,7 @@ class Upstream:
             piece = bytes(self.data[start : start + CHUNK])
             self.read += len(piece)
             yield piece
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.delay)
 
     def close(self) -> None:
         self.closed = True
@@ -321,9 +331,10 @@ async def test_fetches_whose_first_bytes_differ_do_not_merge() -> None:
 
 
 async def test_bytes_every_reader_has_had_leave_the_window() -> None:
-    # One client pulling a big layer alone holds a short tail, not a whole window.
+    # One client pulling a big layer alone holds its head (the first bytes, for a second client)
+    # and then a short tail: never a whole window.
     data = blob(24 << 20)
-    board = herd.Board(window=64 << 20, memory=256 << 20)
+    board = herd.Board(window=64 << 20, memory=256 << 20, head=4 << 20)
     peak = 0
 
     def held(delta: int) -> None:
@@ -407,3 +418,63 @@ async def test_a_catch_up_stops_at_the_older_front_and_merges_there() -> None:
     assert board.merges == 1
     assert late.fetch is older
     assert late_up.read < 12 << 20
+
+
+async def test_clients_that_keep_coming_join_from_the_first_byte() -> None:
+    # A rollout that starts one node at a time: the fetch holds its first window while clients
+    # keep coming, so that each joins from byte 0; one upstream body for all.
+    data = blob(6 << 20)
+    window = 2 << 20
+    board = herd.Board(window=window, memory=64 << 20, head=1 << 20)
+    up = Upstream(data, delay=0.002)  # about 70 ms for the window
+    fetch, first = start(board, up, data)
+    reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
+    for _ in range(8):
+        await asyncio.sleep(0.04)  # less than the window took: the fetch keeps holding
+        assert fetch.holds(0)
+        reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
+    results = await asyncio.gather(*reads)
+    assert all(r == data for r in results)
+    assert up.read == len(data)
+    assert 0.2 < fetch._waited < herd.PATIENCE
+    assert not fetch.gathering
+    assert board.held == 0
+
+
+async def test_the_hold_ends_when_clients_stop_coming_or_after_its_patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(herd, "PATIENCE", 0.3)
+    data = blob(6 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20)
+    up = Upstream(data, delay=0.002)
+    fetch, first = start(board, up, data)
+    reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
+    while fetch.holds(0):  # clients come every 40 ms, for ever
+        reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
+        await asyncio.sleep(0.04)
+    assert 0.3 <= fetch._waited < 0.4  # it went on after its patience: later clients catch up
+    results = await asyncio.gather(*reads)
+    assert all(r == data for r in results)
+    assert up.read == len(data)
+
+
+async def test_a_lone_pull_never_holds() -> None:
+    data = blob(6 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20)
+    fetch, only = start(board, Upstream(data, delay=0.001), data)
+    assert await drain(fetch.read(only, no_own)) == data
+    assert fetch._waited == 0.0
+
+
+async def test_a_herd_the_link_holds_back_loses_no_one() -> None:
+    # Readers of uneven speed, all of them faster than the upstream: the fetch waits for bytes,
+    # not for its slowest reader, and nobody is let go (its own request would share the link).
+    data = blob(8 << 20)
+    board = herd.Board(window=1 << 20, memory=64 << 20, head=0)
+    up = Upstream(data, delay=0.003)
+    fetch, fast = start(board, up, data)
+    others = [fetch.join(0, len(data)) for _ in range(7)]
+    results = await asyncio.gather(
+        drain(fetch.read(fast, no_own)), *(drain(fetch.read(r, no_own), pause=0.0005 * n) for n, r in enumerate(others))
+    )
+    assert all(r == data for r in results)
+    assert up.read == len(data)
