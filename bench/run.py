@@ -678,10 +678,8 @@ class Run:
             finally:
                 peaks = sampler.stop() if sampler is not None else None
             detail = self.herd_detail(herd, path, kind, spread, run, peaks)
-            detail["server_cpu_seconds"] = procs.cpu_delta(server_before, procs.total_cpu(pids())) if pids() else None
-            link_after = herd.link.cpu_seconds()
-            if link_before is not None and link_after is not None:
-                detail["link_front_cpu_seconds"] = link_after - link_before
+            server = procs.cpu_delta(server_before, procs.total_cpu(pids())) if pids() else None
+            self.herd_cpu(detail, server, link_before, herd.link.cpu_seconds())
             if gateway is not None:  # the tree may change during a long run: which code served this herd
                 detail["gateway_source"] = gateway.source
             failures = run.failures(self.big_digest)
@@ -695,13 +693,7 @@ class Run:
             if not spread and run.start_spread > 1.0:
                 self.warn(f"{what} via {path}: the clients started over {run.start_spread:.1f} s, not within 1 s")
             self.herd_record(herd, path, kind, figures, detail)
-            message = (
-                f"{what} via {path}: all done in {run.wall_seconds:.2f} s, {detail['upstream_blob_multiple']:.2f}x "
-                f"the blob over the link ({detail['upstream_gets']} GETs)"
-            )
-            if peaks is not None:
-                message += f", peak RSS {peaks.sum_of_peaks_kib / 1024:.0f} MiB"
-            self.log(message)
+            self.log(self.herd_message(f"{what} via {path}", detail))
 
         try:
             self.attempt(what, path, one, figures)
@@ -734,6 +726,8 @@ class Run:
                 self.herd_figure(f"herd_{count}_vs_alone", f"{what}: all done / 1 client alone", "x", "lower"),
                 self.herd_figure(f"herd_{count}_upstream", f"{what}: upstream bytes / blob", "x", "lower"),
                 self.herd_figure(f"herd_{count}_rss", f"{what}: peak RSS, proxy", "MiB", "lower"),
+                # the least the all-done figure could be here: the herd's CPU seconds over the cores
+                self.herd_figure(f"herd_{count}_floor_vs_alone", f"{what}: CPU floor / 1 client alone", "x", "lower"),
             ],
         )
 
@@ -778,6 +772,34 @@ class Run:
         return detail
 
     @staticmethod
+    def herd_cpu(
+        detail: dict[str, Any], server: float | None, link_before: float | None, link_after: float | None
+    ) -> None:
+        """The herd's CPU seconds, and the least time they need on this machine: the clients, the proxy and
+        the link front share its cores, so a herd can finish no sooner than their CPU spread over all of
+        them (the clients' hashing is most of it)."""
+        detail["server_cpu_seconds"] = server
+        if link_before is not None and link_after is not None:
+            detail["link_front_cpu_seconds"] = link_after - link_before
+        busy = [detail["client_cpu_seconds"], server, detail.get("link_front_cpu_seconds")]
+        detail["cpu_floor_seconds"] = sum(v for v in busy if v is not None) / (os.cpu_count() or 1)
+
+    @staticmethod
+    def herd_message(what: str, detail: dict[str, Any]) -> str:
+        message = (
+            f"{what}: all done in {detail['all_done_seconds']:.2f} s, {detail['upstream_blob_multiple']:.2f}x "
+            f"the blob over the link ({detail['upstream_gets']} GETs)"
+        )
+        if detail["rss_peak_kib"] is not None:
+            message += f", peak RSS {detail['rss_peak_kib'] / 1024:.0f} MiB"
+        if detail["clients"] > 1:
+            message += (
+                f"; its CPU needs {detail['cpu_floor_seconds']:.1f} s of the {os.cpu_count()} cores "
+                f"(clients {detail['client_cpu_seconds']:.1f} CPU-s)"
+            )
+        return message
+
+    @staticmethod
     def herd_record(herd: HerdBed, path: str, kind: str, figures: list[Figure], detail: dict[str, Any]) -> None:
         seconds = detail["all_done_seconds"]
         figures[0].add(path, seconds)
@@ -791,6 +813,7 @@ class Run:
             return
         if path in herd.alone:
             figures[1].add(path, seconds / herd.alone[path])
+            figures[4].add(path, detail["cpu_floor_seconds"] / herd.alone[path])
         else:
             figures[1].missing.setdefault(path, "no single-client time")
         figures[2].add(path, detail["upstream_blob_multiple"])

@@ -13,7 +13,8 @@ metrics.
 - A rate-limited curl among fast ones, with an 8 MiB window: it is detached onto its own
   ``Range`` request and still gets (and the gateway checks) every byte; the fast ones finish first.
   A client that comes after the window left the first byte opens a younger fetch that catches up
-  and merges: it costs the bytes it missed, not a second whole fetch.
+  and merges: it costs the bytes it missed, not a second whole fetch. Clients that come one
+  after another, 0.4 s apart, while the fetch holds its first window for them: ONE upstream GET.
 - The leader's client goes away mid-blob: the others finish; the last reader going away closes
   the upstream connection, and the window's memory goes back.
 - The shared upstream body reset mid-blob: resumed once (one Range request) for all four readers.
@@ -32,6 +33,7 @@ import itertools
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -375,6 +377,39 @@ def test_a_slow_late_client_does_not_hold_the_early_ones_back(
         e for e in log_events(gw, "shared_fetch_detached") if e["request_id"] == "late"
     ]
     late.kill()
+    assert wait_for(lambda: windows_empty(gw))
+
+
+def test_clients_that_come_one_after_another_cost_one_fetch(
+    testbed: Testbed, long_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
+) -> None:
+    """A rollout that starts its nodes one at a time: the fetch holds its first window while they
+    keep coming (``herd.SharedFetch._hold``), so each joins from byte 0 instead of catching up."""
+    front = fronts(testbed.ghcr.registry_url, rate=16 * MIB)  # 4 s for the blob
+    window = 16 * MIB  # read in 1 s: clients 0.4 s apart keep it held
+    gw = start_gateway("ghcr.io", front.url, {"GATEWAY_SHARED_WINDOW_BYTES": str(window)})
+    url = f"{gw.url}/v2/{PUBLIC}/blobs/{long_blob.digest}"
+
+    pulls = []
+    for n in range(6):
+        pulls.append(Pull(url, f"node-{n}"))
+        time.sleep(0.4)
+    for p in pulls:
+        p.wait()
+        p.got(long_blob)
+
+    assert gets(front, long_blob.digest) == [(None, 200, None, long_blob.size)]  # one upstream GET
+    assert metric(gw, "registry_gateway_blob_body_bytes_total", side="upstream") == long_blob.size
+    assert metric(gw, "registry_gateway_blob_body_bytes_total", side="client") == 6 * long_blob.size
+    assert wait_for(lambda: len(blob_gets(gw, long_blob.digest)) == 6)
+    assert [line_of(gw, p)["share"] for p in pulls] == ["led"] + ["joined"] * 5
+    [held] = log_events(gw, "shared_fetch_held")
+    assert (held["digest"], held["readers"], held["reason"]) == (long_blob.digest, 6, "quiet")
+    assert window // 2 < held["offset"] <= window  # it stopped reading at the window's edge
+    assert held["seconds"] > 1.0  # ... until the last node had come, and a little more
+    [ended] = log_events(gw, "shared_fetch_ended")
+    assert (ended["bytes"], ended["readers"], ended["detached"], ended["outcome"]) == (long_blob.size, 6, 0, "complete")
+    assert not log_events(gw, "shared_fetch_merged")
     assert wait_for(lambda: windows_empty(gw))
 
 
