@@ -7,13 +7,13 @@ same blob of the same route and repository (a *joiner*) reads the same bytes fro
 reader goes at its own pace:
 
 - the fetch reads upstream as fast as its fastest reader asks (at most ``READAHEAD`` ahead
-  of it), never as fast as the slowest, but no further than the window lets the herd follow:
-  only the slowest eighth of its readers (at least one) may fall out of it (``_ahead``);
+  of it), but no further than the window lets the herd follow, unless its slowest reader holds
+  most of the herd back; then that one is let go (``_ahead``, ``_review_pace``);
 - the window holds the bytes between the slowest reader and the fastest (plus a short tail,
-  ``retain``, for clients that come a moment later), at most ``window`` bytes; a reader that
-  falls so far behind that its next bytes would leave the window is **detached**: it goes on
-  alone with its own upstream request (``Range: bytes=<offset>-``), so one slow client never
-  holds back the others and never makes the gateway buffer without bound;
+  ``retain``), at most ``window`` bytes; a reader that falls so far behind that its next bytes
+  would leave the window is **detached**: it goes on alone with its own upstream request
+  (``Range: bytes=<offset>-``), so one slow client never holds back the others and never makes
+  the gateway buffer without bound;
 - a board-wide cap on all windows (``memory``) turns sharing off for new fetches once reached,
   and shrinks the windows of those that pass it.
 
@@ -23,11 +23,14 @@ is kept at batch boundaries (marks), and the window never drops the bytes after 
 mark below a reader: a detached reader takes that state and the bytes from the mark to its
 offset, and checks its own rest against the same digest.
 
-A full GET that arrives after the window no longer holds the first byte starts a younger
-fetch that later arrivals join; the older one waits while the younger catches up, then the
-younger hands its readers over and closes (``_merge``): a late client costs the bytes it
-missed, not a second fetch (``docs/performance.md`` measures staggered starts). Shared
-fetches are per process; ``docs/deploy.md`` says how replicas behind nginx
+A fetch keeps its first bytes (``HEAD``) until a second client comes; once one came it keeps
+its first window and, once it has read that, holds (``_hold``) while clients keep coming: a
+rollout that starts its nodes over seconds joins from byte 0. A full GET that arrives after
+the window no longer holds the first byte starts a younger fetch that later arrivals join; the
+older one waits while the younger catches up, then the younger hands its readers over and
+closes (``_merge``): a late client costs the bytes it missed, not a second fetch
+(``docs/performance.md`` measures staggered starts). Shared fetches are per process;
+``docs/deploy.md`` says how replicas behind nginx
 or ingress-nginx meet in one process per blob.
 
 This module is the mechanism only: no HTTP, no routes. The relay (``proxy.py``) decides who
