@@ -151,6 +151,7 @@ def create_app(
         on_held=metrics.SHARED_WINDOW_BYTES.inc,
         on_merge=lambda key: metrics.SHARED_MERGES.labels(key[0]).inc(),
         retain=settings.shared_retain_bytes,
+        patience=settings.shared_patience_seconds,
     )
     # Without a configured secret each process signs with its own (``__main__`` gives its workers one).
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)

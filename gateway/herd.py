@@ -69,9 +69,10 @@ RETAIN = 8 << 20
 # at 100 MB/s the first third of a second, so that the next client of a rollout that starts
 # one node at a time still finds byte 0 and the fetch starts gathering (``_hold``).
 HEAD = 32 << 20
-# How long in all a fetch's readers wait for latecomers: while it holds its head for clients
-# that keep coming (``_hold``) and while younger fetches catch up with it (``_merge``); after
-# that it goes on regardless. And how long a catch-up may make no progress before the wait ends.
+# How long in all a fetch's readers wait for latecomers (the board's default;
+# GATEWAY_SHARED_PATIENCE_SECONDS): while it holds its head for clients that keep coming
+# (``_hold``) and while younger fetches catch up with it (``_merge``); after that it goes on
+# regardless. And how long a catch-up may make no progress before the wait ends.
 PATIENCE = 15.0
 MERGE_STALL = 2.0
 # Herd pacing (``_ahead``): when the fetch spent more than this share of a period waiting for its
@@ -151,7 +152,7 @@ class SharedFetch:
         self.merged = False
         self.created = asyncio.get_running_loop().time()
         self.progressed = self.created  # when it last read a chunk
-        self._waited = 0.0  # seconds its readers waited for latecomers in all (``PATIENCE``)
+        self._waited = 0.0  # seconds its readers waited for latecomers in all (the board's patience)
         self._younger_changed = asyncio.Event()
         # Gathering (``_hold``): once a second client came for the whole blob while the first byte
         # was still here, the fetch keeps every byte from the first (up to a window) for more.
@@ -505,7 +506,7 @@ class SharedFetch:
 
         It holds until no client came for as long as the window took to read (waiting longer for
         one more would cost more than reading its bytes again), at most until its readers waited
-        ``PATIENCE`` in all, and not past the board's memory cap. Then the head leaves as usual
+        the board's patience in all, and not past its memory cap. Then the head leaves as usual
         and later clients catch up (``_merge``)."""
         loop = asyncio.get_running_loop()
         began = loop.time()
@@ -513,12 +514,12 @@ class SharedFetch:
         reason = "quiet"
         while self.readers and self.older is None:
             now = loop.time()
-            left = min(self.last_join + fill - now, PATIENCE - self._waited)
+            left = min(self.last_join + fill - now, self.board.patience - self._waited)
             if self.board.held > self.board.memory:
                 reason = "memory"
                 break
             if left <= 0:
-                reason = "patience" if self._waited >= PATIENCE else "quiet"
+                reason = "patience" if self._waited >= self.board.patience else "quiet"
                 break
             await asyncio.sleep(left)
             self._waited += loop.time() - now
@@ -534,7 +535,7 @@ class SharedFetch:
         link is all its, and its clients then read on from this fetch instead of costing a whole
         second fetch. Bounded twice: the catch-up must keep moving (the youngest of the chain read
         something in the last ``MERGE_STALL`` seconds), and this fetch's readers wait at most
-        ``PATIENCE`` seconds in all (holds included), however many late clients come."""
+        the board's patience in all (holds included), however many late clients come."""
         loop = asyncio.get_running_loop()
         while (younger := self.younger) is not None:
             if younger.merged or younger.error is not None or younger.done:
@@ -545,7 +546,7 @@ class SharedFetch:
                 youngest = youngest.younger
             now = loop.time()
             reason = None
-            if self._waited >= PATIENCE:
+            if self._waited >= self.board.patience:
                 reason = "patience"
             elif now - youngest.progressed > MERGE_STALL:
                 reason = "stalled"
@@ -560,7 +561,7 @@ class SharedFetch:
                 return
             self._younger_changed.clear()
             try:
-                async with asyncio.timeout(min(MERGE_STALL, PATIENCE - self._waited)):
+                async with asyncio.timeout(min(MERGE_STALL, self.board.patience - self._waited)):
                     await self._younger_changed.wait()
             except TimeoutError:
                 pass
@@ -693,11 +694,13 @@ class Board:
         on_merge: Callable[[Key], None] | None = None,
         retain: int = RETAIN,
         head: int = HEAD,
+        patience: float = PATIENCE,
     ) -> None:
         self.window = window
         self.memory = memory
         self.retain = min(retain, window)
         self.head = min(head, window)
+        self.patience = patience
         self._on_held = on_held
         self._on_merge = on_merge
         self.merges = 0

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # Bytes every reader of a shared fetch has had, kept behind the slowest for clients that
     # come a moment later (they join from byte 0; later ones catch up with the fetch instead).
     shared_retain_bytes: int = Field(default=8 << 20, ge=0)
+    # How long in all a shared fetch's clients may wait for latecomers: while it holds its first
+    # window for clients that keep coming, and while younger fetches catch up with it. The price
+    # of one upstream fetch for a rollout that starts its nodes over seconds; 0: nobody waits.
+    shared_patience_seconds: float = Field(default=15.0, ge=0, le=300)
 
     # A route's upstream that fails this many times in a row (connection error, timeout,
     # 5xx) is skipped for breaker_cooldown seconds, then tried again.

@@ -441,10 +441,9 @@ async def test_clients_that_keep_coming_join_from_the_first_byte() -> None:
     assert board.held == 0
 
 
-async def test_the_hold_ends_when_clients_stop_coming_or_after_its_patience(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(herd, "PATIENCE", 0.3)
+async def test_the_hold_ends_when_clients_stop_coming_or_after_its_patience() -> None:
     data = blob(6 << 20)
-    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20, patience=0.3)
     up = Upstream(data, delay=0.002)
     fetch, first = start(board, up, data)
     reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
@@ -478,3 +477,15 @@ async def test_a_herd_the_link_holds_back_loses_no_one() -> None:
     )
     assert all(r == data for r in results)
     assert up.read == len(data)
+
+
+async def test_no_patience_means_no_hold() -> None:
+    data = blob(6 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20, patience=0.0)
+    up = Upstream(data, delay=0.002)
+    fetch, first = start(board, up, data)
+    reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
+    await asyncio.sleep(0.01)
+    reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
+    assert all(r == data for r in await asyncio.gather(*reads))
+    assert fetch._waited == 0.0
