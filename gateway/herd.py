@@ -62,8 +62,8 @@ READAHEAD = 4 << 20
 # Compact the window's lists once this many chunks have left them.
 _COMPACT_AFTER = 512
 # Bytes that every reader has had are kept this long behind the slowest one (the board's
-# default), so that a client coming a moment after the first joins from byte 0; later ones
-# catch up instead (``_merge``).
+# default): a range that starts a moment back is served from them, and a younger fetch that
+# catches up merges into them (``_merge``). The first bytes are kept apart from this (``HEAD``).
 RETAIN = 8 << 20
 # What a fetch keeps of a blob's first bytes before a second client came (at most a window):
 # at 100 MB/s the first third of a second, so that the next client of a rollout that starts

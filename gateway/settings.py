@@ -95,8 +95,8 @@ class Settings(BaseSettings):
 
     shared_window_bytes: int = Field(default=128 << 20, ge=0)
     shared_memory_bytes: int = Field(default=512 << 20, ge=0)
-    # Bytes every reader of a shared fetch has had, kept behind the slowest for clients that
-    # come a moment later (they join from byte 0; later ones catch up with the fetch instead).
+    # Bytes every reader of a shared fetch has had, kept behind the slowest (a younger fetch that
+    # catches up merges into them). A fetch's first bytes are kept apart from these (herd.HEAD).
     shared_retain_bytes: int = Field(default=8 << 20, ge=0)
     # How long in all a shared fetch's clients may wait for latecomers: while it holds its first
     # window for clients that keep coming, and while younger fetches catch up with it. The price
