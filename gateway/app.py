@@ -150,6 +150,7 @@ def create_app(
         settings.shared_memory_bytes,
         on_held=metrics.SHARED_WINDOW_BYTES.inc,
         on_merge=lambda key: metrics.SHARED_MERGES.labels(key[0]).inc(),
+        on_wait=lambda key, seconds: metrics.SHARED_WAIT_SECONDS.labels(key[0]).inc(seconds),
         retain=settings.shared_retain_bytes,
         patience=settings.shared_patience_seconds,
     )

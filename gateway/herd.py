@@ -522,7 +522,7 @@ class SharedFetch:
                 reason = "patience" if self._waited >= self.board.patience else "quiet"
                 break
             await asyncio.sleep(left)
-            self._waited += loop.time() - now
+            self._count_wait(loop.time() - now)
         self.gathering, self._gathered = False, True
         held = loop.time() - began
         if held > 0.01:
@@ -566,7 +566,12 @@ class SharedFetch:
             except TimeoutError:
                 pass
             finally:
-                self._waited += loop.time() - now
+                self._count_wait(loop.time() - now)
+
+    def _count_wait(self, seconds: float) -> None:
+        self._waited += seconds
+        if self.board._on_wait is not None:
+            self.board._on_wait(self.key, seconds)
 
     def _unlink(self) -> None:
         """No longer catching up with an older fetch: it goes on."""
@@ -692,6 +697,7 @@ class Board:
         memory: int,
         on_held: Callable[[int], None] | None = None,
         on_merge: Callable[[Key], None] | None = None,
+        on_wait: Callable[[Key, float], None] | None = None,
         retain: int = RETAIN,
         head: int = HEAD,
         patience: float = PATIENCE,
@@ -703,6 +709,7 @@ class Board:
         self.patience = patience
         self._on_held = on_held
         self._on_merge = on_merge
+        self._on_wait = on_wait  # seconds a fetch's readers waited for latecomers
         self.merges = 0
         self._fetches: dict[Key, SharedFetch] = {}
         self.held = 0  # bytes in all windows now (the gauge)

@@ -147,6 +147,13 @@ SHARED_MERGES = Counter(
     "handed their readers over, closing their upstream body early, by route.",
     ["route"],
 )
+SHARED_WAIT_SECONDS = Counter(
+    "registry_gateway_shared_fetch_wait_seconds",
+    "Seconds shared fetches read nothing while they waited for latecomers (holding their first window "
+    "for clients that kept coming, or while a younger fetch caught up), by route: what one upstream fetch "
+    "for a staggered rollout cost its early clients.",
+    ["route"],
+)
 SHARED_FETCHES = Gauge(
     "registry_gateway_shared_fetches_in_flight",
     "Shared upstream blob bodies being read right now, by route.",

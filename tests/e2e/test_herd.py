@@ -411,6 +411,8 @@ def test_clients_that_come_one_after_another_cost_one_fetch(
     assert (held["digest"], held["readers"], held["reason"]) == (long_blob.digest, 6, "quiet")
     assert window // 2 < held["offset"] <= window  # it stopped reading at the window's edge
     assert held["seconds"] > 1.0  # ... until the last node had come, and a little more
+    waited = metric(gw, "registry_gateway_shared_fetch_wait_seconds_total", route="ghcr.io")
+    assert held["seconds"] - 0.1 < waited < held["seconds"] + 0.1
     [ended] = log_events(gw, "shared_fetch_ended")
     assert (ended["bytes"], ended["readers"], ended["detached"], ended["outcome"]) == (long_blob.size, 6, 0, "complete")
     assert not log_events(gw, "shared_fetch_merged")
@@ -436,6 +438,7 @@ def test_with_no_patience_clients_one_after_another_cost_more_fetches(
         p.got(long_blob)
 
     assert not log_events(gw, "shared_fetch_held")
+    assert metric(gw, "registry_gateway_shared_fetch_wait_seconds_total") == 0
     assert len(gets(front, long_blob.digest)) > 1
     assert metric(gw, "registry_gateway_blob_body_bytes_total", side="upstream") > long_blob.size
     assert wait_for(lambda: windows_empty(gw))
