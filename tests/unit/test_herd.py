@@ -489,3 +489,28 @@ async def test_no_patience_means_no_hold() -> None:
     reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
     assert all(r == data for r in await asyncio.gather(*reads))
     assert fetch._waited == 0.0
+
+
+async def test_readers_leaving_during_a_hold_close_the_upstream() -> None:
+    data = blob(6 << 20)
+    board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20)
+    up = Upstream(data, delay=0.02)  # 64 KiB every 20 ms: the hold point (1 MiB) after about 0.3 s
+    fetch, first = start(board, up, data)
+    pulls = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
+    await asyncio.sleep(0.2)
+    pulls.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
+    while up.read < (1 << 20):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    held_at = up.read
+    await asyncio.sleep(0.05)
+    assert fetch.gathering
+    assert up.read == held_at  # holding: nothing more is read
+    for pull in pulls:
+        pull.cancel()  # both clients go away mid-hold
+    await asyncio.gather(*pulls, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert up.closed
+    assert up.read == held_at < len(data)
+    assert board.held == 0
+    assert board.current(fetch.key) is None
