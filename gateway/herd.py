@@ -75,6 +75,12 @@ HEAD = 32 << 20
 # regardless. And how long a catch-up may make no progress before the wait ends.
 PATIENCE = 15.0
 MERGE_STALL = 2.0
+# A complete blob still whole in memory when its last reader left (one under ``HEAD``, or under
+# a window once a second client came) stays joinable until, since its end and its latest client,
+# this long has passed, or as long as its fetch took if that was longer, and at most the patience
+# after its end (``_linger``): the next node of a rollout reads it from memory. Nobody waits for
+# it; it is the first memory given back when a new fetch needs room (``Board.has_room``).
+LINGER = 1.0
 # Herd pacing (``_ahead``): when the fetch spent more than this share of a period waiting for its
 # slowest reader, that reader is let go (it falls out of the window and goes on alone), if it is in
 # the slowest eighth of the herd.
@@ -161,6 +167,9 @@ class SharedFetch:
         self.last_join = self.created  # when the latest client came for the whole blob
         self._paced_since = self.created  # the current period of herd pacing (``_review_pace``)
         self._paced = 0.0  # seconds of it spent waiting for the slowest reader
+        self.ended = 0.0  # when the upstream body ended
+        self.lingering = False  # complete, no reader left, kept for the next client (``_linger``)
+        self._linger_timer: asyncio.TimerHandle | None = None
         self.chunks = 0  # chunks in (or through) the window
         self.served = 0  # readers it fed, joiners and readers handed over included
         self.detached = 0
@@ -212,7 +221,7 @@ class SharedFetch:
             return False
         if self._task.done() and not self.done:
             return False  # cancelled: its last reader left
-        return self.base <= position < self.total and bool(self.readers)
+        return self.base <= position < self.total and (bool(self.readers) or self.lingering)
 
     def join(self, start: int, end: int) -> Reader:
         if start == 0:
@@ -267,6 +276,9 @@ class SharedFetch:
     # -- internals ----------------------------------------------------------------------
 
     def _attach(self, start: int, end: int) -> Reader:
+        if self.lingering:
+            self.lingering = False
+            self.board._lingering.pop(self, None)
         reader = Reader(start, end, self)
         self.served += 1
         self.readers.add(reader)
@@ -276,15 +288,45 @@ class SharedFetch:
         self.readers.discard(reader)
         if self.readers:
             return
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and not self.done:
             self._task.cancel()  # nobody left to read: the upstream response is closed
-        self._free()
+        self._idle()
+
+    def _idle(self) -> None:
+        """No reader left: free the window, or keep a complete blob a moment for the next client."""
+        if self.lingering:
+            return
+        if self.done and self.base == 0 and self._chunks and not self._freed and self.board.patience > 0:
+            self.lingering = True
+            self.board._lingering[self] = None
+            self._linger()
+        else:
+            self._free()
+
+    def _linger(self) -> None:
+        """While lingering: freed once no client came for ``LINGER`` (or as long as the fetch took),
+        or the patience after the body ended; checked again when that time comes."""
+        if not self.lingering:
+            return
+        now = asyncio.get_running_loop().time()
+        quiet = max(LINGER, self.ended - self.created)
+        left = min(max(self.last_join, self.ended) + quiet, self.ended + self.board.patience) - now
+        if left <= 0:
+            self.lingering = False
+            self.board._lingering.pop(self, None)
+            self._free()
+            return
+        self._linger_timer = asyncio.get_running_loop().call_later(left, self._linger)
 
     def _free(self) -> None:
         """Drop the window (its memory goes back to the board) and stop being joinable."""
         if self._freed:
             return
         self._freed = True
+        self.lingering = False
+        self.board._lingering.pop(self, None)
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self.board._forget(self)
         self.board._release(self)
         self._starts.clear()
@@ -410,6 +452,7 @@ class SharedFetch:
         await self._wait_for_younger()
 
     async def _finish(self, close: Callable[[], object] | None) -> None:
+        self.ended = asyncio.get_running_loop().time()
         self._wake()
         self._unlink()
         if not self.done:
@@ -426,7 +469,7 @@ class SharedFetch:
         fields["outcome"] = "merged" if self.merged else "complete" if self.done else type(self.error).__name__
         logger.info("a shared upstream body ended", extra={"fields": fields})
         if not self.readers:
-            self._free()
+            self._idle()
 
     def _append(self, chunk: bytes) -> None:
         self.progressed = asyncio.get_running_loop().time()
@@ -712,6 +755,7 @@ class Board:
         self._on_wait = on_wait  # seconds a fetch's readers waited for latecomers
         self.merges = 0
         self._fetches: dict[Key, SharedFetch] = {}
+        self._lingering: dict[SharedFetch, None] = {}  # complete blobs kept a moment, oldest first
         self.held = 0  # bytes in all windows now (the gauge)
 
     @property
@@ -748,7 +792,10 @@ class Board:
         """Whether a new fetch of a ``size``-byte blob may be shared: the windows' bytes now, plus
         what it holds at first, stay under the cap (else it is relayed alone). Windows that grow
         past the cap shrink (``SharedFetch._window_now``)."""
-        return self.held + min(size, self.retain + READAHEAD) <= self.memory
+        need = min(size, self.retain + READAHEAD)
+        while self._lingering and self.held + need > self.memory:
+            next(iter(self._lingering))._free()  # the oldest complete blob kept for latecomers
+        return self.held + need <= self.memory
 
     def _forget(self, fetch: SharedFetch) -> None:
         if self._fetches.get(fetch.key) is fetch:

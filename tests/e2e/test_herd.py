@@ -15,6 +15,7 @@ metrics.
   A client that comes after the window left the first byte opens a younger fetch that catches up
   and merges: it costs the bytes it missed, not a second whole fetch. Clients that come one
   after another, 0.4 s apart, while the fetch holds its first window for them: ONE upstream GET.
+  A small layer stays in memory a moment after its last client: the next node reads it there.
 - The leader's client goes away mid-blob: the others finish; the last reader going away closes
   the upstream connection, and the window's memory goes back.
 - The shared upstream body reset mid-blob: resumed once (one Range request) for all four readers.
@@ -417,6 +418,31 @@ def test_clients_that_come_one_after_another_cost_one_fetch(
     assert (ended["bytes"], ended["readers"], ended["detached"], ended["outcome"]) == (long_blob.size, 6, 0, "complete")
     assert not log_events(gw, "shared_fetch_merged")
     assert wait_for(lambda: windows_empty(gw))
+
+
+def test_a_small_layer_stays_a_moment_for_the_next_node(
+    testbed: Testbed, herd_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
+) -> None:
+    """A blob still whole in memory when its last client is done stays joinable for a moment
+    (``herd.LINGER``, or as long as its fetch took): the next node reads it from memory. Once no
+    client came for that long, the memory goes back and the next pull fetches again."""
+    front = fronts(testbed.ghcr.registry_url, rate=16 * MIB)  # 2 s for the 32 MiB blob: it stays 2 s
+    gw = start_gateway("ghcr.io", front.url)
+    url = f"{gw.url}/v2/{PUBLIC}/blobs/{herd_blob.digest}"
+
+    first = Pull(url, "node-0").wait()
+    second = Pull(url, "node-1").wait()  # after the first had it all
+    for p in (first, second):
+        p.got(herd_blob)
+    assert gets(front, herd_blob.digest) == [(None, 200, None, herd_blob.size)]
+    assert wait_for(lambda: len(blob_gets(gw, herd_blob.digest)) == 2)
+    assert [line_of(gw, p)["share"] for p in (first, second)] == ["led", "joined"]
+    assert metric(gw, "registry_gateway_blob_body_bytes_total", side="upstream") == herd_blob.size
+
+    assert wait_for(lambda: windows_empty(gw))  # nobody came for 2 s: the memory went back
+    third = Pull(url, "node-2").wait()
+    third.got(herd_blob)
+    assert len(gets(front, herd_blob.digest)) == 2
 
 
 def test_with_no_patience_clients_one_after_another_cost_more_fetches(

@@ -91,7 +91,7 @@ def start(
 
 async def test_every_reader_gets_the_bytes_of_one_upstream_read() -> None:
     data = blob(3 << 20)
-    board = herd.Board(window=8 << 20, memory=64 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20, patience=0)  # (no lingering: see below)
     up = Upstream(data)
     fetch, first = start(board, up, data)
     readers = [first] + [fetch.join(0, len(data)) for _ in range(7)]
@@ -514,3 +514,39 @@ async def test_readers_leaving_during_a_hold_close_the_upstream() -> None:
     assert up.read == held_at < len(data)
     assert board.held == 0
     assert board.current(fetch.key) is None
+
+
+async def test_a_complete_blob_lingers_for_the_next_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small layer read in a moment: the next node of a rollout, a moment later, reads it from
+    # memory; the memory goes back once no client came for a while.
+    monkeypatch.setattr(herd, "LINGER", 0.1)
+    data = blob(3 << 20)
+    board = herd.Board(window=8 << 20, memory=64 << 20)
+    up = Upstream(data)
+    fetch, first = start(board, up, data)
+    assert await drain(fetch.read(first, no_own)) == data
+    await asyncio.sleep(0.02)
+    assert fetch.lingering
+    assert board.held == len(data)
+    assert board.current(fetch.key) is fetch
+    assert fetch.holds(0)
+    assert await drain(fetch.read(fetch.join(0, len(data)), no_own)) == data
+    assert up.read == len(data)  # one upstream read for both
+    await asyncio.sleep(0.05)
+    assert fetch.lingering  # the second client restarted the clock
+    await asyncio.sleep(0.15)
+    assert not fetch.lingering
+    assert board.held == 0
+    assert board.current(fetch.key) is None
+
+
+async def test_lingering_blobs_give_way_to_new_fetches() -> None:
+    data = blob(3 << 20)
+    board = herd.Board(window=8 << 20, memory=6 << 20, retain=1 << 20)
+    fetch, only = start(board, Upstream(data), data)
+    assert await drain(fetch.read(only, no_own)) == data
+    await asyncio.sleep(0.01)
+    assert board.held == len(data)
+    assert board.has_room(6 << 20)  # room is made: the lingering blob goes first
+    assert board.held == 0
+    assert not fetch.holds(0)
