@@ -790,7 +790,8 @@ class Board:
 
     def has_room(self, size: int) -> bool:
         """Whether a new fetch of a ``size``-byte blob may be shared: the windows' bytes now, plus
-        what it holds at first, stay under the cap (else it is relayed alone). Windows that grow
+        what it holds at first, stay under the cap (else it is relayed alone). Complete blobs kept
+        for latecomers (``SharedFetch._linger``) are let go first to make room. Windows that grow
         past the cap shrink (``SharedFetch._window_now``)."""
         need = min(size, self.retain + READAHEAD)
         while self._lingering and self.held + need > self.memory:
