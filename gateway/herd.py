@@ -303,6 +303,13 @@ class SharedFetch:
         else:
             self._free()
 
+    def _drop_head(self) -> None:
+        """Keep no head for a second client any more (the board needs the memory): the bytes every
+        reader has had go now, but for the tail."""
+        if not self.gathering and not self._gathered and self.base == 0 and self._chunks:
+            self._gathered = True
+            self._evict()
+
     def _linger(self) -> None:
         """While lingering: freed once no client came for ``LINGER`` (or as long as the fetch took),
         or the patience after the body ended; checked again when that time comes."""
@@ -503,7 +510,7 @@ class SharedFetch:
         consumed = min((r.position for r in self.readers), default=self.produced) - self.board.retain
         if self.base == 0 and self.board.held <= self.board.memory:
             if self.gathering or (not self._gathered and self.produced <= self.board.head):
-                consumed = 0
+                consumed = 0  # (``Board._make_room`` drops a head nobody joined when room is needed)
         elif self.gathering:
             self.gathering, self._gathered = False, True
         limit = max(self.produced - self._window_now, consumed)
@@ -790,13 +797,24 @@ class Board:
 
     def has_room(self, size: int) -> bool:
         """Whether a new fetch of a ``size``-byte blob may be shared: the windows' bytes now, plus
-        what it holds at first, stay under the cap (else it is relayed alone). Complete blobs kept
-        for latecomers (``SharedFetch._linger``) are let go first to make room. Windows that grow
+        what it holds at first, stay under the cap (else it is relayed alone). What is kept only
+        for latecomers (lingering blobs, heads nobody joined) is given back first to make room. Windows that grow
         past the cap shrink (``SharedFetch._window_now``)."""
         need = min(size, self.retain + READAHEAD)
-        while self._lingering and self.held + need > self.memory:
-            next(iter(self._lingering))._free()  # the oldest complete blob kept for latecomers
+        if self.held + need > self.memory:
+            self._make_room(need)
         return self.held + need <= self.memory
+
+    def _make_room(self, need: int) -> None:
+        """Give back what is kept only in case more clients come: complete blobs kept for latecomers
+        (the oldest first), then the heads of fetches no second client has joined. A herd's window
+        stays: its readers need it."""
+        while self._lingering and self.held + need > self.memory:
+            next(iter(self._lingering))._free()
+        for fetch in list(self._fetches.values()):
+            if self.held + need <= self.memory:
+                return
+            fetch._drop_head()
 
     def _forget(self, fetch: SharedFetch) -> None:
         if self._fetches.get(fetch.key) is fetch:

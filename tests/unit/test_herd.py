@@ -550,3 +550,30 @@ async def test_lingering_blobs_give_way_to_new_fetches() -> None:
     assert board.has_room(6 << 20)  # room is made: the lingering blob goes first
     assert board.held == 0
     assert not fetch.holds(0)
+
+
+async def test_heads_nobody_joined_give_way_to_new_fetches() -> None:
+    # Many lone pulls of different blobs must not fill the cap with heads kept in case a second
+    # client comes: a new fetch that needs room gets it, and is shared.
+    data = blob(6 << 20)
+    board = herd.Board(window=8 << 20, memory=8 << 20, retain=1 << 20, head=4 << 20)
+    up = Upstream(data)
+    up.gate.clear()
+    fetch, only = start(board, up, data)
+    chunks = fetch.read(only, no_own)
+    up.gate.set()
+    got = bytearray()
+    while len(got) < (3 << 20):
+        got += await anext(chunks)
+    up.gate.clear()  # the upstream pauses: the head (3 MiB and what was read ahead) stays
+    await asyncio.sleep(0.01)
+    assert fetch.holds(0)
+    before = board.held
+    assert before >= 3 << 20
+    board.memory = before + (4 << 20)  # the cap is nearly full
+    assert board.has_room(5 << 20)  # 1 MiB tail + 4 MiB read-ahead: room is made from the head
+    assert not fetch.holds(0)
+    assert board.held <= before - (1 << 20)
+    up.gate.set()
+    got += await drain(chunks)
+    assert bytes(got) == data
