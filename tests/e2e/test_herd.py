@@ -16,6 +16,7 @@ metrics.
   and merges: it costs the bytes it missed, not a second whole fetch. Clients that come one
   after another, 0.4 s apart, while the fetch holds its first window for them: ONE upstream GET.
   A small layer stays in memory a moment after its last client: the next node reads it there.
+  A lone pull's head gives way when a new herd needs the memory under the cap (not bypassed).
 - The leader's client goes away mid-blob: the others finish; the last reader going away closes
   the upstream connection, and the window's memory goes back.
 - The shared upstream body reset mid-blob: resumed once (one Range request) for all four readers.
@@ -443,6 +444,29 @@ def test_a_small_layer_stays_a_moment_for_the_next_node(
     third = Pull(url, "node-2").wait()
     third.got(herd_blob)
     assert len(gets(front, herd_blob.digest)) == 2
+
+
+def test_a_head_kept_for_latecomers_gives_way_to_a_herd(
+    testbed: Testbed, herd_blob: Blob, long_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
+) -> None:
+    """A lone pull keeps its blob's first bytes in case a second client comes; when a new fetch
+    needs that memory under the cap, the head goes and the new fetch is shared, not bypassed."""
+    front = fronts(testbed.ghcr.registry_url)
+    gw = start_gateway("ghcr.io", front.url, {"GATEWAY_SHARED_MEMORY_BYTES": str(30 * MIB)})
+    lone = Pull(f"{gw.url}/v2/{PUBLIC}/blobs/{long_blob.digest}", "lone", rate="4M")
+    assert wait_for(lambda: metric(gw, "registry_gateway_shared_window_bytes") > 20 * MIB, timeout=30)
+
+    url = f"{gw.url}/v2/{PUBLIC}/blobs/{herd_blob.digest}"
+    herd = [Pull(url, f"herd-{n}") for n in range(4)]
+    for p in herd:
+        p.wait()
+        p.got(herd_blob)
+    assert gets(front, herd_blob.digest) == [(None, 200, None, herd_blob.size)]
+    assert wait_for(lambda: len(blob_gets(gw, herd_blob.digest)) == 4)
+    assert shares(gw, herd_blob.digest) == ["joined"] * 3 + ["led"]
+    assert lone.proc.poll() is None  # still reading: its head went, not its window
+    lone.kill()
+    assert wait_for(lambda: windows_empty(gw))
 
 
 def test_with_no_patience_clients_one_after_another_cost_more_fetches(
