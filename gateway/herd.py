@@ -319,8 +319,6 @@ class SharedFetch:
         quiet = max(LINGER, self.ended - self.created)
         left = min(max(self.last_join, self.ended) + quiet, self.ended + self.board.patience) - now
         if left <= 0:
-            self.lingering = False
-            self.board._lingering.pop(self, None)
             self._free()
             return
         self._linger_timer = asyncio.get_running_loop().call_later(left, self._linger)
