@@ -307,7 +307,7 @@ class SharedFetch:
         """Keep no head for a second client any more (the board needs the memory): the bytes every
         reader has had go now, but for the tail."""
         if not self.gathering and not self._gathered and self.base == 0 and self._chunks:
-            self._gathered = True
+            self._stop_gathering()
             self._evict()
 
     def _linger(self) -> None:
@@ -363,8 +363,7 @@ class SharedFetch:
             return "front"
         if len(self.readers) < 2:
             return None
-        window = self._window_now
-        edge = self.produced - window + min(READAHEAD, window // 2)
+        edge = self.produced - self._reach
         if any(r.position <= edge and not r.loose for r in self.readers):
             return "herd"
         return None
@@ -451,8 +450,7 @@ class SharedFetch:
             if held_back:
                 self._paced += loop.time() - began
         self._review_pace(loop.time())
-        window = self._window_now
-        if self.gathering and self.produced >= window - min(READAHEAD, window // 2):
+        if self.gathering and self.produced >= self._reach:
             await self._hold()
         await self._wait_for_younger()
 
@@ -492,6 +490,17 @@ class SharedFetch:
         self._more.set()
         self._more = asyncio.Event()
 
+    def _stop_gathering(self) -> None:
+        """The head leaves as usual from now on, and no later client makes the fetch gather again."""
+        self.gathering, self._gathered = False, True
+
+    @property
+    def _reach(self) -> int:
+        """How far behind the last byte read a reader may be before the fetch must stop reading or
+        let it fall out of the window: the window, less some room to read ahead."""
+        window = self._window_now
+        return window - min(READAHEAD, window // 2)
+
     @property
     def _window_now(self) -> int:
         """The window, or under memory pressure (all windows past the board's cap) a short one:
@@ -510,7 +519,7 @@ class SharedFetch:
             if self.gathering or (not self._gathered and self.produced <= self.board.head):
                 consumed = 0  # (``Board._make_room`` drops a head nobody joined when room is needed)
         elif self.gathering:
-            self.gathering, self._gathered = False, True
+            self._stop_gathering()
         limit = max(self.produced - self._window_now, consumed)
         if limit <= self.base:
             return
@@ -571,7 +580,7 @@ class SharedFetch:
                 break
             await asyncio.sleep(left)
             self._count_wait(loop.time() - now)
-        self.gathering, self._gathered = False, True
+        self._stop_gathering()
         held = loop.time() - began
         if held > 0.01:
             fields: dict[str, object] = {"event": "shared_fetch_held", "digest": self.key[2], "offset": self.produced}
@@ -618,8 +627,7 @@ class SharedFetch:
 
     def _count_wait(self, seconds: float) -> None:
         self._waited += seconds
-        if self.board._on_wait is not None:
-            self.board._on_wait(self.key, seconds)
+        self.board._waiting(self, seconds)
 
     def _unlink(self) -> None:
         """No longer catching up with an older fetch: it goes on."""
@@ -793,11 +801,15 @@ class Board:
         if self._on_merge is not None:
             self._on_merge(fetch.key)
 
+    def _waiting(self, fetch: SharedFetch, seconds: float) -> None:
+        if self._on_wait is not None:
+            self._on_wait(fetch.key, seconds)
+
     def has_room(self, size: int) -> bool:
         """Whether a new fetch of a ``size``-byte blob may be shared: the windows' bytes now, plus
-        what it holds at first, stay under the cap (else it is relayed alone). What is kept only
-        for latecomers (lingering blobs, heads nobody joined) is given back first to make room. Windows that grow
-        past the cap shrink (``SharedFetch._window_now``)."""
+        what it holds at first, stay under the cap (else it is relayed alone). What is kept only for
+        latecomers (lingering blobs, heads nobody joined) is given back first to make room. Windows
+        that grow past the cap shrink (``SharedFetch._window_now``)."""
         need = min(size, self.retain + READAHEAD)
         if self.held + need > self.memory:
             self._make_room(need)

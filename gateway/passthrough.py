@@ -120,7 +120,7 @@ class TokenRelay:
                 405, UNSUPPORTED, "the token endpoint answers GET and POST", headers={"Allow": "GET, POST"}
             )
         host = header_value(scope, b"host")
-        if self.grants is not None and self.table.shared_host_passthrough and self.table.route_for_host(host) is None:
+        if self.grants is not None and self.table.is_shared_host(host):
             await self._shared_host(scope, send, method, params, host)
             return
         route = self._route_for(scope, params)

@@ -351,11 +351,7 @@ class Relay:
 
     def _shared_host(self, scope: Scope) -> bool:
         """Whether the request's host is one no host pattern claims while a passthrough route is reachable on it."""
-        return (
-            self.grants is not None
-            and self.table.shared_host_passthrough
-            and self.table.route_for_host(header_value(scope, b"host")) is None
-        )
+        return self.grants is not None and self.table.is_shared_host(header_value(scope, b"host"))
 
     def _shared_host_login(self, authorization: str | None, target: Target) -> str | None:
         """On a shared host, only the gateway's grants (``grants.py``) count, and only for their routes.
@@ -507,13 +503,17 @@ class Relay:
         assert self.board is not None
         fetch = self.board.current((ex.route_name, ex.target.upstream_name, ex.api.reference))
         wanted = single_range(value, fetch.total) if fetch is not None and fetch.ready.is_set() else None
-        if fetch is None or wanted is None or not fetch.holds(wanted[0]) or not await self._may_join(ex):
+        # Asked twice: the passthrough check may wait, and the window move on meanwhile.
+        if (
+            fetch is None
+            or wanted is None
+            or not fetch.holds(wanted[0])
+            or not await self._may_join(ex)
+            or not fetch.holds(wanted[0])
+        ):
             await self._from_upstream(ex, query)
             return
         first, last = wanted
-        if not fetch.holds(first):
-            await self._from_upstream(ex, query)
-            return
         reader = fetch.join(first, last + 1)
         ex.record.share = "joined"
         headers = [(k, v) for k, v in fetch.headers if k != b"content-length"]

@@ -22,6 +22,7 @@ Docker Hub namespaces cannot contain dots, so this never hides a Hub repository.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -288,7 +289,7 @@ class RouteTable:
                     self._exact[pattern] = route
         self._suffixes.sort(key=lambda item: len(item[0]), reverse=True)
 
-    @property
+    @functools.cached_property
     def shared_host_passthrough(self) -> bool:
         """Whether a host no host pattern claims speaks for a passthrough route (by prefix, ``ns`` or
         as the default route): its ``/v2/`` then asks for a login and its tokens are grants (``grants.py``)."""
@@ -296,6 +297,11 @@ class RouteTable:
             r.auth.uses_client_logins and (r.default or any(self._prefixes.get(p) is r for p in r.prefixes))
             for r in self.routes
         )
+
+    def is_shared_host(self, host: str | None) -> bool:
+        """Whether ``host`` is such a host: one no host pattern claims, while a passthrough route is
+        reachable on it (``shared_host_passthrough``)."""
+        return self.shared_host_passthrough and self.route_for_host(host) is None
 
     @property
     def login_route(self) -> Route | None:
