@@ -426,7 +426,8 @@ async def test_clients_that_keep_coming_join_from_the_first_byte() -> None:
     data = blob(6 << 20)
     window = 2 << 20
     board = herd.Board(window=window, memory=64 << 20, head=1 << 20)
-    up = Upstream(data, delay=0.002)  # about 70 ms for the window
+    # 64 KiB per 5 ms: the hold point (1 MiB) after some 80 ms, twice the clients' 40 ms apart
+    up = Upstream(data, delay=0.005)
     fetch, first = start(board, up, data)
     reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
     for _ in range(8):
@@ -444,7 +445,7 @@ async def test_clients_that_keep_coming_join_from_the_first_byte() -> None:
 async def test_the_hold_ends_when_clients_stop_coming_or_after_its_patience() -> None:
     data = blob(6 << 20)
     board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20, patience=0.3)
-    up = Upstream(data, delay=0.002)
+    up = Upstream(data, delay=0.005)  # as above: the fill outlasts the 40 ms between clients
     fetch, first = start(board, up, data)
     reads = [asyncio.ensure_future(drain(fetch.read(first, no_own)))]
     while fetch.holds(0):  # clients come every 40 ms, for ever
