@@ -55,9 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ[f"GATEWAY_{name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
 
     from gateway.app import check_settings
-    from gateway.errors import ConfigError
-    from gateway.log import configure_logging
-    from gateway.routes_file import load_routes
+    from gateway.http.errors import ConfigError
+    from gateway.observe.log import configure_logging
+    from gateway.routing.routes_file import load_routes
     from gateway.settings import Settings
 
     try:
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sockets = _listen(settings.host.split(","), settings.port, fallback="host" not in settings.model_fields_set)
     metrics_dir = _multiprocess_metrics_dir(settings.workers)
 
-    from gateway.log import logger
+    from gateway.observe.log import logger
 
     logger.info(
         "starting",
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         server_header=False,
-        # X-Forwarded-* are handled by the app (gateway/forwarded.py), Host included.
+        # X-Forwarded-* are handled by the app (gateway/http/forwarded.py), Host included.
         proxy_headers=False,
         # Longer than the usual 60 s idle timeout of nginx and load balancers, so that the
         # proxy, not the gateway, closes idle keep-alive connections (no races on reuse).

@@ -19,26 +19,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import herd, metrics, tracing
-from gateway.access import AccessControl, ClientAuth, RateLimiter
-from gateway.asgi import ASGIApp, Receive, Scope, Send, error_headers
-from gateway.authorizer import authorizer_for
-from gateway.breaker import Breaker
-from gateway.budget import BudgetStore
-from gateway.egress import route_transport
-from gateway.errors import UNSUPPORTED, ConfigError, RegistryError
-from gateway.forwarded import ForwardedHeadersMiddleware
-from gateway.grants import Grants
-from gateway.log import AccessLogMiddleware, configure_logging
-from gateway.manifest_cache import ManifestCache
-from gateway.passthrough import TokenRelay
-from gateway.proxy import Relay
-from gateway.reference import BUDGET_STATUS_PATH, TOKEN_PATH, is_api_path
-from gateway.routes import RouteTable
-from gateway.routes_file import load_routes
+from gateway.auth.authorizer import authorizer_for
+from gateway.auth.grants import Grants
+from gateway.auth.tokens import TokenCache
+from gateway.blobs import herd
+from gateway.http.asgi import ASGIApp, Receive, Scope, Send, error_headers
+from gateway.http.errors import UNSUPPORTED, ConfigError, RegistryError
+from gateway.http.forwarded import ForwardedHeadersMiddleware
+from gateway.net.breaker import Breaker
+from gateway.net.egress import route_transport
+from gateway.observe import metrics, tracing
+from gateway.observe.log import AccessLogMiddleware, configure_logging
+from gateway.relay.manifest_cache import ManifestCache
+from gateway.relay.proxy import Relay
+from gateway.routing.access import AccessControl, ClientAuth, RateLimiter
+from gateway.routing.budget import BudgetStore
+from gateway.routing.reference import BUDGET_STATUS_PATH, TOKEN_PATH, is_api_path
+from gateway.routing.routes import RouteTable
+from gateway.routing.routes_file import load_routes
 from gateway.settings import Settings
-from gateway.tokens import TokenCache
-from gateway.upstream import UpstreamClient
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.passthrough import TokenRelay
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

@@ -43,18 +43,18 @@ import httpx
 from pydantic import ValidationError
 
 from gateway.app import build_clients, check_settings
-from gateway.authorizer import GatewayTokenAuthorizer
-from gateway.challenge import Challenge, parse_challenges, pick_challenge
-from gateway.egress import send
-from gateway.errors import DENIED, NAME_UNKNOWN, UNAUTHORIZED, ConfigError, RegistryError
-from gateway.policy import TargetRefused
-from gateway.reference import TAG_RE, is_digest
-from gateway.routes import ClientTokens, Credentials, RequestFacts, Route, RouteTable, Target, Upstream
-from gateway.routes_file import load_routes
+from gateway.auth.authorizer import GatewayTokenAuthorizer
+from gateway.auth.challenge import Challenge, parse_challenges, pick_challenge
+from gateway.auth.tokens import TokenKey, basic_authorization, fetch_token
+from gateway.http.errors import DENIED, NAME_UNKNOWN, UNAUTHORIZED, ConfigError, RegistryError
+from gateway.net.egress import send
+from gateway.net.upstream_errors import REQUEST, upstream_errors
+from gateway.routing.policy import TargetRefused
+from gateway.routing.reference import TAG_RE, is_digest
+from gateway.routing.routes import ClientTokens, Credentials, RequestFacts, Route, RouteTable, Target, Upstream
+from gateway.routing.routes_file import load_routes
 from gateway.settings import Settings
-from gateway.tokens import TokenKey, basic_authorization, fetch_token
-from gateway.upstream import UpstreamClient
-from gateway.upstream_errors import REQUEST, upstream_errors
+from gateway.upstream.client import UpstreamClient
 
 PROG = "registry-gateway"
 OK, FAILED, USAGE = 0, 1, 2

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gateway.budget import parse_thresholds
+from gateway.routing.budget import parse_thresholds
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     # (Docker Hub's ratelimit-remaining; once per crossing). Empty: no warnings.
     budget_warn_at: str = "0.5,0.2,0.05"
 
-    # How upstream connections are made: "lean" (gateway/transport.py, built for streaming)
+    # How upstream connections are made: "lean" (gateway/net/transport.py, built for streaming)
     # or "httpx" (httpx's own httpcore transport). Both keep the same behaviour.
     upstream_transport: Literal["lean", "httpx"] = "lean"
 

@@ -35,7 +35,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from gateway.routes_file import parse_routes
+from gateway.routing.routes_file import parse_routes
 from gateway.settings import Settings
 from tests import kustomize_lite
 from tests.nginx_front import COMPOSE_SITE, SITE, check_config, make_pki, write_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.routes_file import parse_routes
+from gateway.routing.routes_file import parse_routes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -43,7 +43,7 @@ def test_every_setting_is_documented():
 
 
 def test_every_route_key_is_documented():
-    from gateway.routes_file import _RouteModel
+    from gateway.routing.routes_file import _RouteModel
 
     text = (ROOT / "docs" / "configuration.md").read_text()
     for name in _RouteModel.model_fields:

@@ -25,7 +25,7 @@ def upstream() -> Iterator[RawUpstream]:
 
 def routes(upstream: RawUpstream) -> str:
     # D_SLOW is a made-up digest for the same bytes as D_FULL: these tests are about processes,
-    # not content, so the digest check is off (tests/unit/test_blob_check.py has its own).
+    # not content, so the digest check is off (tests/unit/blobs/test_digest.py has its own).
     return (
         f'[[route]]\nname = "raw.test"\nupstream = "http://127.0.0.1:{upstream.port}"\ndefault = true\n'
         "verify_blobs = false\n"

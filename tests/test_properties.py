@@ -37,12 +37,12 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from gateway.asgi import ASGIApp, Message
-from gateway.errors import RegistryError
-from gateway.httputil import FORWARD_REQUEST_HEADERS
-from gateway.reference import Kind, check_raw_path, parse_api_path
-from gateway.routes import RequestFacts, RouteTable
-from gateway.routes_file import parse_routes
+from gateway.http.asgi import ASGIApp, Message
+from gateway.http.errors import RegistryError
+from gateway.http.util import FORWARD_REQUEST_HEADERS
+from gateway.routing.reference import Kind, check_raw_path, parse_api_path
+from gateway.routing.routes import RequestFacts, RouteTable
+from gateway.routing.routes_file import parse_routes
 from gateway.settings import Settings
 from tests.unit.conftest import in_process_app
 from tests.unit.fake_registry import BLOB_DIGEST, REALM, REGISTRY, FakeRegistry, response
@@ -646,7 +646,7 @@ ALLOWED_PARAMETERS = {Kind.TAGS: {"n", "last"}, Kind.REFERRERS: {"artifactType"}
 @FAST_SETTINGS
 @given(kind=st.sampled_from(list(Kind)), query=queries)
 def test_upstream_query_forwards_only_what_the_endpoint_defines(kind: Kind, query: bytes) -> None:
-    from gateway.request_rules import upstream_query
+    from gateway.routing.request_rules import upstream_query
 
     try:
         forward, ns = upstream_query(kind, query)

@@ -13,7 +13,7 @@ import urllib.parse
 import httpx
 import pytest
 
-from gateway.challenge import parse_www_authenticate, pick_challenge
+from gateway.auth.challenge import parse_www_authenticate, pick_challenge
 from tests.testbed import Testbed, TokenServer
 from tests.testbed.images import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.testbed.tokens import Scope

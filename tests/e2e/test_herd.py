@@ -1,7 +1,7 @@
 """Herd-proof pulls (issue 9), end to end: concurrent pulls of one blob cost one upstream fetch.
 
 A full GET of a blob by digest that arrives while the same blob of the same route and repository
-is being fetched reads that fetch's bytes from a bounded window (``gateway/herd.py``). Each test
+is being fetched reads that fetch's bytes from a bounded window (``gateway/blobs/herd.py``). Each test
 starts its own gateway (a real process) before fault fronts (``tests/testbed/faults.py``) that
 count every upstream request, and pulls with real clients: curl (its body hashed as it arrives,
 in a thread per client), containerd and Docker. Every client's bytes are checked against the
@@ -85,7 +85,7 @@ def herd_blob(testbed: Testbed) -> Blob:
 @pytest.fixture(scope="module")
 def long_blob(testbed: Testbed) -> Blob:
     # For the slow client: the herd waits a moment for its slowest reader before it lets it go
-    # (gateway/herd.py, PACE_PERIOD), and a slow curl swallows some 15 MiB into its buffers and
+    # (gateway/blobs/herd.py, PACE_PERIOD), and a slow curl swallows some 15 MiB into its buffers and
     # the sockets' first: the blob must be long enough beyond both for it to fall a window behind.
     return push_blob(testbed, 2 * HERD_BLOB)
 

@@ -1,7 +1,7 @@
 """One blob, one replica: the shipped nginx site sends every pull of a blob to one gateway, which fetches it once.
 
 A gateway shares one upstream fetch among the concurrent pulls of a blob that reach *its*
-process (``gateway/herd.py``). Across replicas that works only if the load balancer sends one
+process (``gateway/blobs/herd.py``). Across replicas that works only if the load balancer sends one
 blob to one replica: ``deploy/nginx/registry-gateway.conf`` does it with ``hash $uri
 consistent`` (docs/deploy.md, "Several replicas: one blob, one replica").
 

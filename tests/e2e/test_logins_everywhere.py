@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.grants import Grants
+from gateway.auth.grants import Grants
 from tests.e2e.clients import (
     CLOSED,
     Containerd,

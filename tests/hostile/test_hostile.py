@@ -96,7 +96,7 @@ NEEDS_LOCAL_HOSTNAME = pytest.mark.skipif(not _hostname_is_local(), reason="the 
 
 def route_toml(name: str, upstream: str, *, private: bool, default: bool = False, extra: str = "") -> str:
     # The hostile server's blobs carry made-up digests: its cases are about framing, time bounds
-    # and aborts, so the digest check is off here (tests/unit/test_blob_check.py has its own).
+    # and aborts, so the digest check is off here (tests/unit/blobs/test_digest.py has its own).
     lines = ["[[route]]", f'name = "{name}"', f'upstream = "{upstream}"', "verify_blobs = false"]
     if default:
         lines.append("default = true")

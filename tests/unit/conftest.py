@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.asgi import ASGIApp
-from gateway.routes import RouteTable
-from gateway.routes_file import parse_routes
+from gateway.http.asgi import ASGIApp
+from gateway.routing.routes import RouteTable
+from gateway.routing.routes_file import parse_routes
 from gateway.settings import Settings
 from tests.unit.fake_registry import FakeRegistry
 

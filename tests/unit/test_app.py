@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.request_rules import renamed_tag_list_start
+from gateway.routing.request_rules import renamed_tag_list_start
 from gateway.settings import Settings
 from tests.registry_json import registry_errors
 from tests.unit.conftest import in_process_app, in_process_client

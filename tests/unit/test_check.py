@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.challenge import Challenge
+from gateway.auth.challenge import Challenge
 from gateway.check import (
     CHECK_HEADER,
     Probe,
@@ -29,8 +29,8 @@ from gateway.check import (
     routes_table,
     summary,
 )
-from gateway.routes import Credentials, RouteTable
-from gateway.routes_file import parse_routes
+from gateway.routing.routes import Credentials, RouteTable
+from gateway.routing.routes_file import parse_routes
 from gateway.settings import Settings
 
 DIGEST = "sha256:" + "a" * 64

@@ -1,0 +1,184 @@
+"""What the relay does for content named by its digest: resume broken blob bodies, check every byte.
+
+The mechanisms live in ``resume.py`` (the loop and the range arithmetic) and ``blob_check.py``
+(hashing while streaming); this module applies them to one exchange: which bodies qualify,
+how a resume is asked for (the whole path again: token, redirect, failover, mirrors), what a
+mismatch does (recorded, logged with both digests and the upstream, the upstream avoided for
+that digest so the client's retry goes elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+
+from gateway.blobs.digest import Verdict, algorithm_of, verified
+from gateway.blobs.resume import Segment, continues, resumable, segment_of
+from gateway.http.errors import UNAVAILABLE, RegistryError
+from gateway.relay.exchange import Exchange
+from gateway.routing.reference import is_digest
+from gateway.routing.request_rules import upstream_headers
+from gateway.upstream.client import UpstreamClient
+
+logger = logging.getLogger("gateway.integrity")
+
+
+def _reopener(
+    ex: Exchange, client: UpstreamClient, segment: Segment, later: list[httpx.Response]
+) -> Callable[[int], Awaitable[AsyncIterator[bytes]]]:
+    """How the rest of ``segment`` after ``sent`` bytes is asked for: the whole path again."""
+
+    async def reopen(sent: int) -> AsyncIterator[bytes]:
+        while later:
+            await later.pop().aclose()
+        headers = upstream_headers(ex.scope)
+        headers["range"] = segment.rest_from(sent)
+        async with asyncio.timeout(client.timeouts.manifest):
+            opened = await client.open(
+                "GET",
+                ex.upstream_path,
+                headers=headers,
+                repository=ex.target.upstream_name,
+                login=ex.login,
+                avoid=ex.api.reference,
+                content_addressed=True,
+            )
+        later.append(opened.response)
+        if not continues(segment, sent, opened.response.status_code, opened.response.headers):
+            raise RuntimeError(
+                f"the resume answered {opened.response.status_code} "
+                f"{opened.response.headers.get('content-range', '')}, not the rest of the blob"
+            )
+        ex.record.upstream = opened.upstream.url
+        ex.upstream = opened.upstream
+        return opened.response.aiter_raw()
+
+    return reopen
+
+
+def _resumed(
+    ex: Exchange,
+    body: AsyncIterator[bytes],
+    segment: Segment,
+    reopen: Callable[[int], Awaitable[AsyncIterator[bytes]]],
+    later: list[httpx.Response],
+    max_resumes: int,
+) -> AsyncIterator[bytes]:
+    def on_resume(sent: int, error: BaseException) -> None:
+        ex.record.resumes = (ex.record.resumes or 0) + 1
+        fields = {
+            "event": "blob_resume",
+            "request_id": ex.record.request_id,
+            "route": ex.route_name,
+            "upstream": ex.record.upstream,
+            "digest": ex.api.reference,
+            "offset": segment.first + sent,
+            "error": type(error).__name__,
+        }
+        logger.info("a blob body broke; asking for the rest", extra={"fields": fields})
+
+    async def resumed() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resumable(body, segment, reopen, max_resumes=max_resumes, on_resume=on_resume):
+                yield chunk
+        finally:
+            while later:
+                await later.pop().aclose()
+
+    return resumed()
+
+
+def resumable_body(
+    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int
+) -> AsyncIterator[bytes]:
+    """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
+    segment = segment_of(resp.status_code, resp.headers)
+    if segment is None or max_resumes <= 0:
+        return body
+    later: list[httpx.Response] = []  # the answers to resumes, closed when done
+    return _resumed(ex, body, segment, _reopener(ex, client, segment, later), later, max_resumes)
+
+
+async def rest_of(ex: Exchange, client: UpstreamClient, segment: Segment, max_resumes: int) -> AsyncIterator[bytes]:
+    """``segment`` of a blob on its own upstream request (a reader that left a shared fetch), resumed too.
+
+    The request is the client's own: its login, a fresh token and redirect, failover and
+    mirrors, a 206 for exactly that range or nothing (``RuntimeError``, the transfer aborted).
+    """
+    later: list[httpx.Response] = []
+    reopen = _reopener(ex, client, segment, later)
+    try:
+        body = await reopen(0)
+    except BaseException:
+        while later:
+            await later.pop().aclose()
+        raise
+    async for chunk in _resumed(ex, body, segment, reopen, later, max_resumes):
+        yield chunk
+
+
+def algorithm_for(ex: Exchange) -> str | None:
+    """The hash a whole blob body of this request is checked with, or None (and the record says why)."""
+    if not ex.target.route.verify_blobs:
+        ex.record.verified = "off"
+        return None
+    algorithm = algorithm_of(ex.api.reference)
+    if algorithm is None:
+        ex.record.verified = "unknown_algorithm"
+    return algorithm
+
+
+def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
+    """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
+    algorithm = algorithm_for(ex)
+    if algorithm is None:
+        return body, None
+    verdict = Verdict()
+    return verified(body, ex.api.reference, algorithm, verdict), verdict
+
+
+def judge(ex: Exchange, client: UpstreamClient, verdict: Verdict) -> None:
+    """What the check of a whole blob body found, recorded (a mismatch also logged and its upstream avoided)."""
+    if verdict.actual is None:
+        ex.record.verified = "incomplete"  # the transfer ended before the last byte, for whatever reason
+        return
+    if verdict.actual == ex.api.reference:
+        ex.record.verified = "ok"
+        return
+    ex.record.error = "digest_mismatch"
+    mismatched(ex, client, verdict.actual, "a blob's bytes did not match its digest; the client's transfer was aborted")
+
+
+def mismatched(ex: Exchange, client: UpstreamClient, actual: str, message: str) -> None:
+    """Bytes that are not what their digest names: recorded, logged, and that upstream avoided for them."""
+    ex.record.verified = "mismatch"
+    if ex.upstream is not None:
+        client.avoid(ex.upstream, ex.api.reference)
+    fields = {
+        "event": "digest_mismatch",
+        "request_id": ex.record.request_id,
+        "route": ex.route_name,
+        "upstream": ex.record.upstream,
+        "digest": ex.api.reference,
+        "actual": actual,
+    }
+    logger.warning(message, extra={"fields": fields})
+
+
+def check_manifest(ex: Exchange, client: UpstreamClient, body: bytes, resp: httpx.Response) -> None:
+    """A manifest asked for by digest must be those bytes (image-spec "Digests"): else a 502, and
+    the upstream (often a mirror) is avoided for it, so the client's retry goes elsewhere."""
+    algorithm = algorithm_of(ex.api.reference) if is_digest(ex.api.reference) else None
+    if algorithm is None or "content-encoding" in resp.headers:
+        return
+    actual = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+    if actual == ex.api.reference:
+        return
+    mismatched(ex, client, actual, "a manifest's bytes did not match its digest; not served")
+    raise RegistryError(
+        502, UNAVAILABLE, f"upstream {ex.route_name} sent a manifest whose bytes do not match {ex.api.reference}"
+    )

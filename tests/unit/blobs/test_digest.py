@@ -1,0 +1,191 @@
+"""Blob bodies checked while they stream: the hasher, the held-back last chunk, and the relay's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from gateway.blobs.digest import HASH_BATCH, DigestMismatch, StreamHasher, Verdict, algorithm_of, verified
+from gateway.settings import Settings
+from tests.unit.conftest import in_process_app
+from tests.unit.fake_registry import BLOB, BLOB_DIGEST, REGISTRY, FakeRegistry, response
+
+MIRROR = "https://mirror.test"
+
+
+async def pieces(chunks: list[bytes], log: list[str] | None = None) -> AsyncIterator[bytes]:
+    for index, chunk in enumerate(chunks):
+        if log is not None:
+            log.append(f"produced {index}")
+        yield chunk
+
+
+async def collect(body: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in body])
+
+
+@pytest.mark.parametrize(
+    ("digest", "algorithm"),
+    [("sha256:" + "a" * 64, "sha256"), ("sha512:" + "a" * 128, "sha512"), ("blake3:" + "a" * 64, None), ("x", None)],
+)
+def test_algorithms(digest, algorithm):
+    assert algorithm_of(digest) == algorithm
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=st.lists(st.integers(0, 3 * HASH_BATCH // 2), min_size=0, max_size=8),
+    algorithm=st.sampled_from(["sha256", "sha512"]),
+)
+def test_the_running_hash_is_the_hash_of_everything_fed(sizes, algorithm):
+    data = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+
+    async def run() -> str:
+        hasher = StreamHasher(algorithm)
+        for chunk in data:
+            await hasher.feed(chunk)
+        return await hasher.hexdigest()
+
+    assert asyncio.run(run()) == f"{algorithm}:{hashlib.new(algorithm, b''.join(data)).hexdigest()}"
+
+
+async def test_the_last_chunk_waits_for_the_digest():
+    chunks = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    digest = "sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest()
+    log: list[str] = []
+    verdict = Verdict()
+    async for chunk in verified(pieces(chunks, log), digest, "sha256", verdict):
+        log.append(f"sent {chunk[:1].decode()}")
+    # Each chunk goes out once the next one has come; the last once the digest matched.
+    assert log == ["produced 0", "produced 1", "sent a", "produced 2", "sent b", "sent c"]
+    assert verdict.actual == digest
+
+
+async def test_a_wrong_byte_never_reaches_the_end():
+    chunks = [BLOB[:1000], BLOB[1000:2000], BLOB[2000:]]
+    flipped = [chunks[0], bytes([chunks[1][0] ^ 1]) + chunks[1][1:], chunks[2]]
+    sent: list[bytes] = []
+    verdict = Verdict()
+
+    async def relay() -> None:
+        async for chunk in verified(pieces(flipped), BLOB_DIGEST, "sha256", verdict):
+            sent.append(chunk)
+
+    with pytest.raises(DigestMismatch) as info:
+        await relay()
+    assert sum(map(len, sent)) < len(BLOB)  # the last chunk was held back
+    assert info.value.expected == BLOB_DIGEST
+    assert verdict.actual == info.value.actual != BLOB_DIGEST
+
+
+async def test_an_empty_body_is_checked_too():
+    empty = "sha256:" + hashlib.sha256(b"").hexdigest()
+    assert await collect(verified(pieces([]), empty, "sha256")) == b""
+    with pytest.raises(DigestMismatch):
+        await collect(verified(pieces([]), BLOB_DIGEST, "sha256"))
+
+
+# --- through the relay ---------------------------------------------------------------------------
+
+
+async def asgi_get(app: Any, path: str) -> tuple[int, bytes, bool]:
+    """GET ``path``; status, body, and whether the response was completed (False: aborted)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw.test")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 5000),
+    }
+    messages: list[dict[str, Any]] = []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if asked:
+            await asyncio.Event().wait()  # the client stays connected
+        asked = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    bodies = [m for m in messages if m["type"] == "http.response.body"]
+    complete = bool(bodies) and not bodies[-1].get("more_body", False)
+    return messages[0]["status"], b"".join(m.get("body", b"") for m in bodies), complete
+
+
+def flipping_mirror(fake: FakeRegistry) -> None:
+    """mirror.test serves the blob with one byte flipped (and its manifests as the registry does)."""
+
+    def override(request: httpx.Request) -> httpx.Response | None:
+        if request.url.host == "mirror.test" and "/blobs/" in request.url.path:
+            wrong = BLOB[:100] + bytes([BLOB[100] ^ 0xFF]) + BLOB[101:]
+            return response(200, wrong, {"content-length": str(len(wrong))})
+        return None
+
+    fake.override = override
+
+
+def mirror_first(**extra: object) -> list[dict[str, object]]:
+    return [{"name": "docker.io", "upstream": [MIRROR, REGISTRY], "default": True, "library": True, **extra}]
+
+
+async def test_a_mismatch_aborts_the_client_and_the_retry_goes_to_the_next_upstream(fake):
+    flipping_mirror(fake)
+    app = in_process_app(fake, mirror_first())
+    status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert status == 200
+    assert not complete  # aborted: never a clean end of wrong bytes
+    assert len(body) < len(BLOB)
+    status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert (status, complete) == (200, True)
+    assert body == BLOB  # the registry, not the mirror that served it wrong
+    mirror_blobs = [r for r in fake.requests if r.url.host == "mirror.test" and "/blobs/" in r.url.path]
+    assert len(mirror_blobs) == 1
+
+
+async def test_a_mismatch_is_counted_and_logged(fake, caplog):
+    flipping_mirror(fake)
+    app = in_process_app(fake, mirror_first())
+    with caplog.at_level("WARNING", logger="gateway.integrity"):
+        await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    (record,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "digest_mismatch"]
+    fields = record.fields
+    assert (fields["digest"], fields["upstream"]) == (BLOB_DIGEST, MIRROR)
+    assert fields["actual"].startswith("sha256:")
+    _, metrics, _ = await asgi_get(app, "/metrics")
+    assert b'registry_gateway_digest_mismatch_total{route="docker.io",upstream="https://mirror.test"}' in metrics
+    assert b'registry_gateway_blob_checks_total{result="mismatch",route="docker.io"}' in metrics
+
+
+async def test_verify_blobs_off_relays_what_comes(fake):
+    flipping_mirror(fake)
+    app = in_process_app(fake, mirror_first(verify_blobs=False))
+    status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert (status, complete) == (200, True)
+    assert body != BLOB
+    assert len(body) == len(BLOB)
+
+
+async def test_ranges_and_heads_are_relayed_unchecked(fake):
+    app = in_process_app(fake, mirror_first(), Settings(manifest_cache_bytes=0))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw.test") as client:
+        part = await client.get(f"/v2/alpine/blobs/{BLOB_DIGEST}", headers={"range": "bytes=10-19"})
+        assert (part.status_code, part.content) == (206, BLOB[10:20])
+        head = await client.head(f"/v2/alpine/blobs/{BLOB_DIGEST}")
+        assert head.status_code == 200
