@@ -30,8 +30,8 @@ from gateway.net.breaker import Breaker
 from gateway.net.egress import route_transport
 from gateway.observe import metrics, tracing
 from gateway.observe.log import AccessLogMiddleware, configure_logging
+from gateway.relay.dispatch import Relay
 from gateway.relay.manifest_cache import ManifestCache
-from gateway.relay.proxy import Relay
 from gateway.routing.access import AccessControl, ClientAuth, RateLimiter
 from gateway.routing.budget import BudgetStore
 from gateway.routing.reference import BUDGET_STATUS_PATH, TOKEN_PATH, is_api_path
