@@ -1,4 +1,4 @@
-"""The relay's own refusals, before anything goes upstream: allow/deny lists, oversized headers."""
+"""The dispatcher's own refusals, before anything goes upstream: allow/deny lists, oversized headers."""
 
 from __future__ import annotations
 
