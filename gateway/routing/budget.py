@@ -20,8 +20,8 @@ check their budget without spending it). This module owns, purely (no I/O, an in
   used, which the gateway does not know by name: ``client``, and no threshold warnings there
   (the figures belong to whichever client asked last). Never a secret.
 
-The relay reads the headers at one place (``Relay._see_budget``), only when an answer carries
-them or is a 429, so a request without them costs a header look-up.
+The relay reads the headers at one place (``BudgetWatch.see``, ``relay/budget_watch.py``), only
+when an answer carries them or is a 429, so a request without them costs a header look-up.
 """
 
 from __future__ import annotations
