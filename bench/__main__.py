@@ -25,8 +25,10 @@ from types import FrameType
 from typing import Any
 
 from bench import clients, procs
+from bench.options import MEASUREMENTS, Options
+from bench.provenance import git_info, machine_info
 from bench.report import PATHS, Figure, markdown_table, table
-from bench.run import MEASUREMENTS, Options, Run, git_info, machine_info
+from bench.run import Run
 from bench.servers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
