@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from gateway.net import transport as transport_module
+from gateway.net.connections import HIGH_WATER
 from gateway.net.netguard import AddressGuard, GuardedBackend
-from gateway.net.transport import HIGH_WATER, LeanTransport
+from gateway.net.transport import LeanTransport
 from gateway.settings import PoolLimits
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -38,10 +38,10 @@ import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from gateway.net.connections import _Connection
 from gateway.net.transport import (
     LeanTransport,
     _Body,
-    _Connection,
     _Head,
     _parse_head,
     _ProtocolError,

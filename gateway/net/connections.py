@@ -1,0 +1,141 @@
+"""Upstream connections for the lean transport: one socket's receive side, and the keep-alive pool.
+
+``_Connection`` is the ``asyncio.Protocol`` of one upstream connection: it queues the very
+``bytes`` objects the event loop read, with back-pressure (reading pauses while more than
+``HIGH_WATER`` bytes wait for the client, so a slow client never makes the gateway buffer a
+blob). ``_Pool`` keeps idle keep-alive connections per origin and caps open ones. Both know
+nothing of HTTP: ``transport.py`` parses what they deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import typing
+
+from gateway.routing.policy import Origin
+
+# Reading pauses when this much received body waits for the client; resumes below LOW_WATER.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: parses a response head, then queues body bytes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.error: Exception | None = None
+        self._buffer: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if exc is not None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- reading, for the response parser ---
+
+    async def receive(self, timeout: float | None) -> bytes:
+        """The next bytes that arrived; b"" once the peer closed and nothing is left."""
+        if not self._buffer:
+            if self.closed:
+                return b""
+            self._waiter = self.loop.create_future()
+            try:
+                if timeout is None:
+                    await self._waiter
+                else:
+                    async with asyncio.timeout(timeout):
+                        await self._waiter
+            finally:
+                self._waiter = None
+            if not self._buffer:
+                return b""
+        data = self._buffer.popleft()
+        self._buffered -= len(data)
+        if self._paused and self._buffered < LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    def unread(self, data: bytes) -> None:
+        if data:
+            self._buffer.appendleft(data)
+            self._buffered += len(data)
+
+    def reusable(self) -> bool:
+        return not self.closed and not self._buffer and self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Pool:
+    """Idle keep-alive connections per origin, and a cap on open connections."""
+
+    def __init__(self, max_connections: int, max_keepalive: int, keepalive_expiry: float) -> None:
+        self.slots = asyncio.Semaphore(max_connections)
+        self.max_keepalive = max_keepalive
+        self.keepalive_expiry = keepalive_expiry
+        self.idle: dict[Origin, list[_Connection]] = {}
+        self.idle_count = 0
+
+    def take_idle(self, origin: Origin) -> _Connection | None:
+        conns = self.idle.get(origin)
+        now = time.monotonic()
+        while conns:
+            conn = conns.pop()
+            self.idle_count -= 1
+            if conn.reusable() and now - conn.idle_since < self.keepalive_expiry:
+                return conn
+            conn.close()
+        return None
+
+    def give_back(self, origin: Origin, conn: _Connection) -> None:
+        if self.idle_count >= self.max_keepalive or not conn.reusable():
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.setdefault(origin, []).append(conn)
+        self.idle_count += 1
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.close()
+        self.idle.clear()
+        self.idle_count = 0
