@@ -23,8 +23,8 @@ from collections.abc import Mapping
 
 from gateway.auth.grants import Grants
 from gateway.blobs import herd
-from gateway.http.asgi import API_VERSION_HEADER, Receive, Scope, Send, header_value, send_json
-from gateway.http.errors import LoginRequired, RegistryError, unsupported_method
+from gateway.http.asgi import API_VERSION_HEADER, Receive, Scope, Send, send_json
+from gateway.http.errors import LoginRequired, RegistryError
 from gateway.observe.log import RequestRecord, record_of
 from gateway.relay import answers
 from gateway.relay.blobs import BlobRelay
@@ -36,8 +36,8 @@ from gateway.relay.manifest_cache import ManifestCache
 from gateway.relay.manifests import ManifestRelay
 from gateway.relay.opening import Opener
 from gateway.routing import budget
-from gateway.routing.reference import Kind, check_raw_path, check_reference, parse_api_path
-from gateway.routing.request_rules import check_request_headers, upstream_query
+from gateway.routing.reference import Kind
+from gateway.routing.request_rules import Incoming, admissible, read_request
 from gateway.routing.routes import RequestFacts, RouteTable, Target
 from gateway.upstream.client import UpstreamClient
 
@@ -86,30 +86,24 @@ class Relay:
             await answers.send_internal_error(scope, send, record)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
-        method = scope["method"]
-        check_request_headers(scope)
-        check_raw_path(scope.get("raw_path") or scope["path"].encode())
-        api = parse_api_path(scope["path"])
+        # The scope is read here once; everything below works on the parsed request.
+        incoming = read_request(scope)
+        api = incoming.api
         record.kind = api.kind.value
+        query, ns = admissible(incoming)
         if api.kind is Kind.PING:
-            if method not in ("GET", "HEAD"):
-                raise unsupported_method(method)
-            await self._ping(scope, send, record)
+            await self._ping(incoming, send, record)
             return
-        if method not in ("GET", "HEAD") or api.kind is Kind.UPLOAD:
-            raise unsupported_method(method)
-        check_reference(api)
-        query, ns = upstream_query(api.kind, scope.get("query_string", b""))
-        target = self._table.resolve(RequestFacts(header_value(scope, b"host"), api.name, ns))
+        target = self._table.resolve(RequestFacts(incoming.host, api.name, ns))
         route = target.route
         record.route = route.name
         record.repository = target.upstream_name
         authorizer = self._clients[route.name].authorizer
-        authorization = header_value(scope, b"authorization")
-        if self._shared_host(scope):
+        authorization = incoming.authorization
+        if self._shared_host(incoming.host):
             authorization = self._shared_host_login(authorization, target)
         login = authorizer.admit(authorization, target.client_path_name)
-        ex = Exchange(scope, receive, send, record, api, target, head=method == "HEAD", login=login)
+        ex = Exchange(scope, receive, send, record, api, target, head=incoming.head, login=login)
         if api.kind is Kind.MANIFEST:
             await self._manifests.serve(ex, query)
         elif api.kind is Kind.BLOB:
@@ -117,9 +111,9 @@ class Relay:
         else:
             await self._listings.serve(ex, query)
 
-    def _shared_host(self, scope: Scope) -> bool:
+    def _shared_host(self, host: str | None) -> bool:
         """Whether the request's host is one no host pattern claims while a passthrough route is reachable on it."""
-        return self._grants is not None and self._table.is_shared_host(header_value(scope, b"host"))
+        return self._grants is not None and self._table.is_shared_host(host)
 
     def _shared_host_login(self, authorization: str | None, target: Target) -> str | None:
         """On a shared host, only the gateway's grants (``grants.py``) count, and only for their routes.
@@ -140,21 +134,21 @@ class Relay:
             raise LoginRequired(route.name, target.client_path_name)
         return authorization
 
-    async def _ping(self, scope: Scope, send: Send, record: RequestRecord) -> None:
+    async def _ping(self, incoming: Incoming, send: Send, record: RequestRecord) -> None:
         """``/v2/``: 200, unless the host's route passes logins through and the client has none (yet)."""
-        head = scope["method"] == "HEAD"
-        if self._shared_host(scope):
+        head = incoming.head
+        if self._shared_host(incoming.host):
             assert self._grants is not None
             # Docker, containerd and containers/image decide from this answer whether to log in.
-            if self._grants.read(header_value(scope, b"authorization")) is None:
+            if self._grants.read(incoming.authorization) is None:
                 raise LoginRequired(self._table.ping_service, None)
             await send_json(send, 200, {}, [API_VERSION_HEADER], head=head)
             return
-        route = self._table.route_for_ping(header_value(scope, b"host"))
+        route = self._table.route_for_ping(incoming.host)
         if route is not None:
             client = self._clients[route.name]
             try:
-                login = client.authorizer.admit(header_value(scope, b"authorization"), None)
+                login = client.authorizer.admit(incoming.authorization, None)
             except LoginRequired:
                 record.route = route.name
                 raise

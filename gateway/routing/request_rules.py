@@ -4,18 +4,21 @@
   upstream (an allow-list: ``n``/``last`` for tags, ``artifactType`` for referrers; ``ns``
   selects a route and everything else is ignored);
 - the validators of a ``304`` and the entity-tag of a cached manifest (RFC 9110 13.1.2, 15.4.5);
-- the start of a ``tags/list`` body renamed into the client's namespace.
+- the start of a ``tags/list`` body renamed into the client's namespace;
+- the request itself, read once from its ASGI scope (``read_request``) and judged
+  (``admissible``), so that the layers below the relay's entry see parsed facts, never the scope.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode
 
 from gateway.http.asgi import Headers, Scope
-from gateway.http.errors import PAGINATION_NUMBER_INVALID, TAG_INVALID, UNSUPPORTED, RegistryError
+from gateway.http.errors import PAGINATION_NUMBER_INVALID, TAG_INVALID, UNSUPPORTED, RegistryError, unsupported_method
 from gateway.http.util import FORWARD_REQUEST_HEADERS
-from gateway.routing.reference import Kind
+from gateway.routing.reference import ApiPath, Kind, check_raw_path, check_reference, parse_api_path
 
 # Tag list pages: distribution-spec allows any n; the cap only stops absurd values.
 MAX_PAGE_SIZE = 100_000
@@ -57,17 +60,12 @@ def renamed_tag_list_start(start: bytes, upstream_name: str, client_name: str, *
     return start
 
 
-def check_request_headers(scope: Scope) -> None:
-    total = 0
-    for key, value in scope["headers"]:
-        size = len(key) + len(value)
-        total += size
-        if len(value) > MAX_HEADER_VALUE or total > MAX_HEADERS_TOTAL:
-            raise RegistryError(
-                431,
-                UNSUPPORTED,
-                f"request headers too large (at most {MAX_HEADER_VALUE} bytes per header, {MAX_HEADERS_TOTAL} in all)",
-            )
+def _headers_too_large() -> RegistryError:
+    return RegistryError(
+        431,
+        UNSUPPORTED,
+        f"request headers too large (at most {MAX_HEADER_VALUE} bytes per header, {MAX_HEADERS_TOTAL} in all)",
+    )
 
 
 def _bad_request(code: str, message: str) -> RegistryError:
@@ -116,3 +114,56 @@ def upstream_headers(scope: Scope) -> dict[str, str]:
     # did not ask for; with no Accept-Encoding at all, ask for none.
     out.setdefault("accept-encoding", "identity")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What the relay needs of a request, read from its ASGI scope once, at the relay's entry."""
+
+    method: str
+    api: ApiPath
+    host: str | None
+    authorization: str | None
+    query_string: bytes
+
+    @property
+    def head(self) -> bool:
+        return self.method == "HEAD"
+
+
+def read_request(scope: Scope) -> Incoming:
+    """The request's headers and raw path checked, its path parsed; raises a ``RegistryError``.
+
+    One pass over the headers checks their sizes and picks the two the relay routes and
+    admits by (the first of each, as ``header_value`` would). The raw path is checked before
+    it is parsed: no percent-encoding, no dot segments (``check_raw_path``), so what is routed
+    is what the client sent.
+    """
+    host = authorization = None
+    total = 0
+    for key, value in scope["headers"]:
+        total += len(key) + len(value)
+        if len(value) > MAX_HEADER_VALUE or total > MAX_HEADERS_TOTAL:
+            raise _headers_too_large()
+        if key == b"host" and host is None:
+            host = value.decode("latin-1")
+        elif key == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+    check_raw_path(scope.get("raw_path") or scope["path"].encode())
+    return Incoming(scope["method"], parse_api_path(scope["path"]), host, authorization, scope.get("query_string", b""))
+
+
+def admissible(incoming: Incoming) -> tuple[str, str | None]:
+    """(query to send upstream, ns) for a request the relay serves; raises for what it does not.
+
+    A read-only gateway: only GET and HEAD, and never an upload (405 UNSUPPORTED, as
+    distribution-spec's conformance expects of a registry that refuses pushes). The ping
+    (``/v2/``) takes no reference and no query.
+    """
+    api = incoming.api
+    if incoming.method not in ("GET", "HEAD") or api.kind is Kind.UPLOAD:
+        raise unsupported_method(incoming.method)
+    if api.kind is Kind.PING:
+        return "", None
+    check_reference(api)
+    return upstream_query(api.kind, incoming.query_string)
