@@ -16,12 +16,8 @@ from gateway.check import (
     CHECK_HEADER,
     Probe,
     check_routes,
-    explain,
-    explanation_json,
-    explanation_text,
     failure_lines,
     judge_ping,
-    parse_image,
     plan_auth,
     probes_json,
     realm_verdict,
@@ -29,6 +25,7 @@ from gateway.check import (
     routes_table,
     summary,
 )
+from gateway.check_image import explain, explanation_json, explanation_text, parse_image
 from gateway.routing.routes import Credentials, RouteTable
 from gateway.routing.routes_file import parse_routes
 from gateway.settings import Settings
