@@ -55,7 +55,7 @@ def _update(hasher: hashlib._Hash, chunks: list[bytes], mark: bool) -> hashlib._
     # the GIL, and every hand-over costs the relay's thread a wait (measured: a third more CPU).
     hasher.update(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     # The state after the batch, for a reader of a shared fetch that goes on alone from here
-    # (``herd.py``); copied in this thread, before the next batch can change it.
+    # (``blobs/herd.py``); copied in this thread, before the next batch can change it.
     return hasher.copy() if mark else None
 
 

@@ -6,7 +6,7 @@ blob idle timeout, a CDN URL that expires while a slow client reads. A blob is i
 (RFC 9110 14.2) through the whole path again (a fresh token, a fresh redirect, failover to
 the next upstream), and continued on the client's stream. The answer must be a ``206`` for
 exactly that range (RFC 9110 14.4, ``Content-Range``); anything else ends the client's
-transfer as before. The digest check (``blob_check.py``) wraps the resumed body, so it spans
+transfer as before. The digest check (``blobs/digest.py``) wraps the resumed body, so it spans
 all of it.
 
 This module is the loop and the range arithmetic; the relay supplies ``reopen``.

@@ -1,6 +1,6 @@
 """What the relay does for content named by its digest: resume broken blob bodies, check every byte.
 
-The mechanisms live in ``resume.py`` (the loop and the range arithmetic) and ``blob_check.py``
+The mechanisms live in ``resume.py`` (the loop and the range arithmetic) and ``blobs/digest.py``
 (hashing while streaming); this module applies them to one exchange: which bodies qualify,
 how a resume is asked for (the whole path again: token, redirect, failover, mirrors), what a
 mismatch does (recorded, logged with both digests and the upstream, the upstream avoided for
@@ -133,7 +133,7 @@ def algorithm_for(ex: Exchange) -> str | None:
 
 
 def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
-    """A whole blob body, checked against its digest as it streams (``blob_check.py``), when it can be."""
+    """A whole blob body, checked against its digest as it streams (``blobs/digest.py``), when it can be."""
     algorithm = algorithm_for(ex)
     if algorithm is None:
         return body, None

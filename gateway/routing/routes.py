@@ -191,7 +191,7 @@ class Route:
     library: bool = False
     auth: UpstreamAuth = GatewayTokens()
     blob_redirect: Literal["follow", "pass"] = "follow"
-    # Hash every full blob body as it streams and abort the client on a mismatch (blob_check.py).
+    # Hash every full blob body as it streams and abort the client on a mismatch (blobs/digest.py).
     verify_blobs: bool = True
     allow_private_addresses: bool = False
     policy: RepositoryPolicy = field(default_factory=RepositoryPolicy)

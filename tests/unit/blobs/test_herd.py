@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gateway.blobs import herd
+from gateway.blobs import herd, hold, pace
 from gateway.blobs.digest import DigestMismatch
 
 CHUNK = 64 << 10
@@ -18,7 +18,7 @@ CHUNK = 64 << 10
 def quick_pacing(monkeypatch: pytest.MonkeyPatch) -> None:
     # The herd lets a slow reader go after a period of waiting for it: a second is long beside
     # these blobs, read from memory in milliseconds.
-    monkeypatch.setattr(herd, "PACE_PERIOD", 0.01)
+    monkeypatch.setattr(pace, "PACE_PERIOD", 0.01)  # where the pace rule reads it
 
 
 def blob(size: int) -> bytes:
@@ -260,7 +260,7 @@ async def test_a_joiner_starts_where_the_window_still_holds() -> None:
 async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
     board = herd.Board(window=8 << 20, memory=32 << 20)
     assert board.has_room(100 << 20)
-    board._held(30 << 20)  # the windows hold this much now
+    board.count_held(30 << 20)  # the windows hold this much now
     assert not board.has_room(100 << 20)  # would pass the cap: relayed alone
     assert board.has_room(1 << 20)  # a small blob still fits
 
@@ -280,7 +280,7 @@ async def test_a_late_fetch_catches_up_with_an_older_one_and_hands_its_readers_o
     assert not older.holds(0)  # a client coming now needs bytes the window no longer has
     late_up = Upstream(data)
     younger = board.lead(older.key)
-    assert younger.older is older
+    assert younger.lineage.older is older
     assert board.has_room(len(data))
     late = younger.start(
         [],
@@ -437,8 +437,8 @@ async def test_clients_that_keep_coming_join_from_the_first_byte() -> None:
     results = await asyncio.gather(*reads)
     assert all(r == data for r in results)
     assert up.read == len(data)
-    assert 0.2 < fetch._waited < herd.PATIENCE
-    assert not fetch.gathering
+    assert 0.2 < fetch.waited < herd.PATIENCE
+    assert not fetch.gathering_state.active
     assert board.held == 0
 
 
@@ -451,7 +451,7 @@ async def test_the_hold_ends_when_clients_stop_coming_or_after_its_patience() ->
     while fetch.holds(0):  # clients come every 40 ms, for ever
         reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
         await asyncio.sleep(0.04)
-    assert 0.3 <= fetch._waited < 0.4  # it went on after its patience: later clients catch up
+    assert 0.3 <= fetch.waited < 0.4  # it went on after its patience: later clients catch up
     results = await asyncio.gather(*reads)
     assert all(r == data for r in results)
     assert up.read == len(data)
@@ -462,7 +462,7 @@ async def test_a_lone_pull_never_holds() -> None:
     board = herd.Board(window=2 << 20, memory=64 << 20, head=1 << 20)
     fetch, only = start(board, Upstream(data, delay=0.001), data)
     assert await drain(fetch.read(only, no_own)) == data
-    assert fetch._waited == 0.0
+    assert fetch.waited == 0.0
 
 
 async def test_a_herd_the_link_holds_back_loses_no_one() -> None:
@@ -489,7 +489,7 @@ async def test_no_patience_means_no_hold() -> None:
     await asyncio.sleep(0.01)
     reads.append(asyncio.ensure_future(drain(fetch.read(fetch.join(0, len(data)), no_own))))
     assert all(r == data for r in await asyncio.gather(*reads))
-    assert fetch._waited == 0.0
+    assert fetch.waited == 0.0
 
 
 async def test_readers_leaving_during_a_hold_close_the_upstream() -> None:
@@ -505,7 +505,7 @@ async def test_readers_leaving_during_a_hold_close_the_upstream() -> None:
     await asyncio.sleep(0.05)
     held_at = up.read
     await asyncio.sleep(0.05)
-    assert fetch.gathering
+    assert fetch.gathering_state.active
     assert up.read == held_at  # holding: nothing more is read
     for pull in pulls:
         pull.cancel()  # both clients go away mid-hold
@@ -520,7 +520,7 @@ async def test_readers_leaving_during_a_hold_close_the_upstream() -> None:
 async def test_a_complete_blob_lingers_for_the_next_client(monkeypatch: pytest.MonkeyPatch) -> None:
     # A small layer read in a moment: the next node of a rollout, a moment later, reads it from
     # memory; the memory goes back once no client came for a while.
-    monkeypatch.setattr(herd, "LINGER", 0.1)
+    monkeypatch.setattr(hold, "LINGER", 0.1)  # where the linger rule reads it
     data = blob(3 << 20)
     board = herd.Board(window=8 << 20, memory=64 << 20)
     up = Upstream(data)
