@@ -6,6 +6,7 @@ upstream seam (``egress.send``), so every request takes the production send path
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,3 +75,38 @@ def gateway_client(fake: FakeRegistry) -> GatewayClient:
         return in_process_client(in_process_app(registry or fake, routes, settings, env), client)
 
     return make
+
+
+async def asgi_get(app: Any, path: str) -> tuple[int, bytes, bool]:
+    """GET ``path`` of a raw ASGI app; status, body, and whether the response was completed (False: aborted)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gw.test")],
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 5000),
+    }
+    messages: list[dict[str, Any]] = []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if asked:
+            await asyncio.Event().wait()  # the client stays connected
+        asked = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    bodies = [m for m in messages if m["type"] == "http.response.body"]
+    complete = bool(bodies) and not bodies[-1].get("more_body", False)
+    return messages[0]["status"], b"".join(m.get("body", b"") for m in bodies), complete

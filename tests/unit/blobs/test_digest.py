@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway.blobs.digest import HASH_BATCH, DigestMismatch, StreamHasher, Verdict, algorithm_of, verified
 from gateway.settings import Settings
-from tests.unit.conftest import in_process_app
+from tests.unit.conftest import asgi_get, in_process_app
 from tests.unit.fake_registry import BLOB, BLOB_DIGEST, REGISTRY, FakeRegistry, response
 
 MIRROR = "https://mirror.test"
@@ -92,41 +91,6 @@ async def test_an_empty_body_is_checked_too():
 
 
 # --- through the relay ---------------------------------------------------------------------------
-
-
-async def asgi_get(app: Any, path: str) -> tuple[int, bytes, bool]:
-    """GET ``path``; status, body, and whether the response was completed (False: aborted)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"gw.test")],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 5000),
-    }
-    messages: list[dict[str, Any]] = []
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if asked:
-            await asyncio.Event().wait()  # the client stays connected
-        asked = True
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    bodies = [m for m in messages if m["type"] == "http.response.body"]
-    complete = bool(bodies) and not bodies[-1].get("more_body", False)
-    return messages[0]["status"], b"".join(m.get("body", b"") for m in bodies), complete
 
 
 def flipping_mirror(fake: FakeRegistry) -> None:

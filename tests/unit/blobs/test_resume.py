@@ -9,8 +9,7 @@ import pytest
 
 from gateway.blobs.resume import Segment, continues, parse_content_range, resumable, segment_of
 from gateway.settings import Settings
-from tests.unit.blobs.test_digest import asgi_get
-from tests.unit.conftest import in_process_app
+from tests.unit.conftest import asgi_get, in_process_app
 from tests.unit.fake_registry import BLOB, BLOB_DIGEST, REGISTRY, FakeRegistry, response
 
 MIRROR = "https://mirror.test"

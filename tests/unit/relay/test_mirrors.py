@@ -8,7 +8,7 @@ import pytest
 from gateway.http.errors import ConfigError
 from gateway.routing.routes_file import parse_routes
 from tests.registry_json import registry_errors
-from tests.unit.blobs.test_digest import asgi_get
+from tests.unit.conftest import asgi_get
 from tests.unit.fake_registry import (
     BLOB,
     BLOB_DIGEST,
