@@ -85,7 +85,7 @@ def herd_blob(testbed: Testbed) -> Blob:
 @pytest.fixture(scope="module")
 def long_blob(testbed: Testbed) -> Blob:
     # For the slow client: the herd waits a moment for its slowest reader before it lets it go
-    # (gateway/blobs/herd.py, PACE_PERIOD), and a slow curl swallows some 15 MiB into its buffers and
+    # (gateway/blobs/pace.py and terms.py, PACE_PERIOD), and a slow curl swallows some 15 MiB into its buffers and
     # the sockets' first: the blob must be long enough beyond both for it to fall a window behind.
     return push_blob(testbed, 2 * HERD_BLOB)
 
