@@ -304,9 +304,9 @@ class SharedFetch:
         """Before the next upstream read: wait for the readers (``pace.py``), hold for latecomers
         (``hold.py``), or wait while a younger fetch catches up (``merge.py``). A fetch catching up
         with an older one neither waits for its own readers nor holds."""
-        window = self.board
+        board = self.board
         await self.pace.wait_for_readers(
-            self.produced, self.readers, lambda: pace.reach(window.window_now), wait=self.lineage.older is None
+            self.produced, self.readers, lambda: pace.reach(board.window_now), wait=self.lineage.older is None
         )
         if self.gathering_state.active and self.produced >= pace.reach(self.board.window_now):
             held, reason = await hold(
