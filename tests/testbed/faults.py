@@ -14,10 +14,11 @@ On command it breaks the requests whose target (path and query) contains a strin
     front.fault(digest, "stall", at=1000)            # 1,000 body bytes, then silence, held open
     front.fault(digest, "flip", at=5, times=None)    # byte 5 of the body inverted, every time
     front.fault(digest, "ignore_range")              # a Range request sent on without its Range: a 200
+    front.fault(digest, "wrong_range")               # a Range sent on one byte later: a 206 for other bytes
 
 ``at`` counts the body bytes of that one response (of a ``206``, from its first byte). The body
 faults apply to ``200`` and ``206`` answers only (a ``401`` or a ``307`` passes untouched and
-uses no ``times``); ``ignore_range`` to requests with a ``Range`` header. ``times=None``: every
+uses no ``times``); ``ignore_range`` and ``wrong_range`` to requests with a ``Range`` header. ``times=None``: every
 matching request. Before a reset, the front waits until the peer has acknowledged every byte
 sent, so the peer holds exactly ``at`` bytes when the RST arrives.
 
@@ -48,8 +49,9 @@ from typing import Literal
 
 from ._util import LOOPBACK, TestbedError
 
-FaultKind = Literal["reset", "stall", "flip", "ignore_range"]
+FaultKind = Literal["reset", "stall", "flip", "ignore_range", "wrong_range"]
 BODY_FAULTS: frozenset[str] = frozenset({"reset", "stall", "flip"})
+RANGE_FAULTS: frozenset[str] = frozenset({"ignore_range", "wrong_range"})
 _READ = 64 << 10
 _SENT_WAIT = 5.0  # seconds to wait for the peer to acknowledge what was sent before a reset
 
@@ -98,6 +100,12 @@ def _header(lines: list[bytes], name: bytes) -> str | None:
 
 def _without(lines: list[bytes], name: bytes) -> list[bytes]:
     return [lines[0], *(line for line in lines[1:] if line.partition(b":")[0].strip().lower() != name)]
+
+
+def _shifted(value: str) -> str | None:
+    """``bytes=N-M`` asked for one byte later: the target's 206 then names other bytes than were asked."""
+    first, sep, last = value.removeprefix("bytes=").partition("-")
+    return f"bytes={int(first) + 1}-{last}" if sep and first.isdigit() else None
 
 
 def _head(lines: list[bytes]) -> bytes:
@@ -312,9 +320,11 @@ class FaultFront:
         entry = FrontRequest(method, target, _header(lines, b"range"), authorization=_header(lines, b"authorization"))
         with self._lock:
             self._requests.append(entry)
-        if entry.range is not None and self._take(target, frozenset({"ignore_range"})) is not None:
-            entry.fault = "ignore_range"
+        if entry.range is not None and (taken := self._take(target, RANGE_FAULTS)) is not None:
+            entry.fault = taken.kind
             lines = _without(lines, b"range")
+            if taken.kind == "wrong_range" and (shifted := _shifted(entry.range)) is not None:
+                lines.append(b"Range: " + shifted.encode("latin-1"))
         up_writer.write(_head(lines))
         length = _header(lines, b"content-length")
         if length is not None and int(length) > 0:
