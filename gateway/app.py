@@ -159,7 +159,14 @@ def create_app(
     secret = settings.token_secret.get_secret_value().encode() if settings.token_secret else secrets.token_bytes(32)
     grants = Grants(secret)
     relay = Relay(
-        table, clients, cache, blob_resumes=settings.blob_resumes, budgets=budgets, board=board, grants=grants
+        table,
+        clients,
+        cache,
+        blob_resumes=settings.blob_resumes,
+        resume_same_upstream=settings.blob_resume_same_upstream,
+        budgets=budgets,
+        board=board,
+        grants=grants,
     )
 
     async def healthz(request: Request) -> Response:

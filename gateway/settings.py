@@ -81,8 +81,12 @@ class Settings(BaseSettings):
     credential_helper_timeout: float = Field(default=10.0, gt=0)
     max_redirects: int = Field(default=5, ge=0, le=20)
     # A blob body that breaks (reset, early end, stall past blob_idle_timeout, an expired CDN
-    # URL) is asked for again from where it broke, at most this many times per request.
-    blob_resumes: int = Field(default=3, ge=0, le=100)
+    # URL) is asked for again from where it broke, at most this many times per request in all
+    # (resume.py): enough for every source of a route with two upstreams and a mirror to fail twice.
+    blob_resumes: int = Field(default=5, ge=0, le=100)
+    # How many times more the upstream (or mirror) whose body broke is asked for the rest before
+    # it is passed over for that blob and the next source of the route is asked (resume.Breaks).
+    blob_resume_same_upstream: int = Field(default=1, ge=0, le=100)
     # Shared blob fetches (herd.py): concurrent GETs of one blob read one upstream body. The
     # window is how far the slowest of them may fall behind the fastest before it goes on
     # alone; 128 MiB is about one second of a 1 Gbit/s link and 1/16 s of 2 GB/s. 0 turns

@@ -5,18 +5,23 @@ blob idle timeout, a CDN URL that expires while a slow client reads. A blob is i
 (addressed by its digest), so the rest can be asked for with ``Range: bytes=<offset>-<end>``
 (RFC 9110 14.2) through the whole path again (a fresh token, a fresh redirect, failover to
 the next upstream), and continued on the client's stream. The answer must be a ``206`` for
-exactly that range (RFC 9110 14.4, ``Content-Range``); anything else ends the client's
-transfer as before. The digest check (``blobs/digest.py``) wraps the resumed body, so it spans
-all of it.
+exactly that range (RFC 9110 14.4, ``Content-Range``); a ``200`` (the whole blob again) or a
+``206`` for other bytes is no continuation, and counts as a break of the source that sent it.
+The digest check (``blobs/digest.py``) wraps the resumed body, so it spans all of it.
 
-This module is the loop and the range arithmetic; the relay supplies ``reopen``.
+Where the rest is asked for is ``Breaks``' decision: a source (an upstream or a mirror) whose
+body broke is asked once more (``same_source``), then passed over for this body, and the next
+source of the route is asked; only when every source has failed does the client's transfer end
+(or when ``max_resumes`` resumes were asked for in all: a bound whatever happens).
+
+This module is the loop, the range arithmetic and that policy; the relay supplies ``reopen``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -95,6 +100,37 @@ def continues(segment: Segment, sent: int, status: int, headers: httpx.Headers) 
     )
 
 
+class NotTheRest(Exception):
+    """An answer to a resume that is not exactly the rest asked for: a break of the source that sent it."""
+
+
+@dataclass(slots=True)
+class Breaks:
+    """Which sources of one body broke and how often, and which of them are passed over for it.
+
+    Pure bookkeeping: the relay tells it each break (``broke``) and asks which sources to leave
+    out of the next request (``excluded``)."""
+
+    same_source: int  # how many times a source whose body broke is asked again before the next
+    counts: dict[str, int] = field(default_factory=dict)
+    passed_over: list[str] = field(default_factory=list)
+
+    def broke(self, source: str) -> bool:
+        """Count a break of ``source``; True when that makes it passed over (just now)."""
+        count = self.counts[source] = self.counts.get(source, 0) + 1
+        if count > self.same_source and source not in self.passed_over:
+            self.passed_over.append(source)
+            return True
+        return False
+
+    def excluded(self, sources: Collection[str]) -> frozenset[str]:
+        """The sources the next request must not ask: those passed over, unless that is all of them
+        (then each is asked again, until ``max_resumes``: every source failed once, none for good)."""
+        if all(source in self.passed_over for source in sources):
+            return frozenset()
+        return frozenset(self.passed_over)
+
+
 Reopen = Callable[[int], Awaitable[AsyncIterator[bytes]]]
 
 
@@ -104,12 +140,14 @@ async def resumable(
     reopen: Reopen,
     *,
     max_resumes: int,
-    on_resume: Callable[[int, BaseException], None] | None = None,
+    on_break: Callable[[int, BaseException, bool], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """``body``, continued through ``reopen(sent)`` each time it breaks, at most ``max_resumes`` times.
 
-    ``reopen`` returns the rest of the segment from ``sent`` bytes on, or raises (the client's
-    transfer then ends with the original failure). ``on_resume(sent, error)`` is told of each.
+    ``reopen`` returns the rest of the segment from ``sent`` bytes on; raises ``NotTheRest``
+    for an answer that is not (a break too: asked again, within ``max_resumes``), or anything
+    else when no source can be asked (the client's transfer then ends with the first failure).
+    ``on_break(sent, error, resumed)`` is told of each break, and whether it is resumed.
     """
     sent = 0
     expected = segment.last - segment.first + 1
@@ -121,12 +159,19 @@ async def resumable(
                 yield chunk
             return
         except RESUMABLE as exc:
-            if resumes >= max_resumes or sent >= expected:
-                raise
+            failure = exc
+        broke: BaseException = failure
+        while True:
+            give_up = resumes >= max_resumes or sent >= expected
+            if on_break is not None:
+                on_break(sent, broke, not give_up)
+            if give_up:
+                raise failure
             resumes += 1
-            if on_resume is not None:
-                on_resume(sent, exc)
             try:
                 body = await reopen(sent)
-            except Exception as failure:
-                raise exc from failure
+                break
+            except NotTheRest as refused:
+                broke = refused
+            except Exception as cause:
+                raise failure from cause

@@ -89,6 +89,13 @@ BLOB_RESUMES = Counter(
     "Broken blob bodies asked for again from where they broke (Range), by route.",
     ["route"],
 )
+UPSTREAM_PASSED_OVER = Counter(
+    "registry_gateway_upstream_passed_over",
+    "Upstreams (and mirrors) passed over for a blob because its bodies from them kept breaking (or a "
+    "resume was answered with other bytes than asked): the rest was asked of the next one, by route and "
+    "upstream.",
+    ["route", "upstream"],
+)
 DIGEST_MISMATCHES = Counter(
     "registry_gateway_digest_mismatch",
     "Blob bodies whose bytes did not hash to their digest, by route and upstream (the client's transfer was aborted).",

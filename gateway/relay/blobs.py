@@ -42,6 +42,7 @@ class BlobRelay:
         opener: Opener,
         *,
         blob_resumes: int,
+        resume_same_upstream: int = 1,
         board: herd.Board | None,
         permits: JoinPermits,
     ) -> None:
@@ -49,6 +50,8 @@ class BlobRelay:
         self._opener = opener
         # How many times one blob body that breaks is asked for again from where it broke.
         self._resumes = blob_resumes
+        # How many times more the source whose body broke is asked, before the next (``resume.Breaks``).
+        self._same = resume_same_upstream
         # Shared blob fetches (``herd.py``); None or disabled: every GET relayed alone.
         self._board = board if board is not None and board.enabled else None
         self._permits = permits
@@ -79,7 +82,7 @@ class BlobRelay:
             verdict: Verdict | None = None
             client = self._clients[ex.route_name]
             if not ex.head:
-                body = integrity.resumable_body(ex, client, resp, body, self._resumes)
+                body = integrity.resumable_body(ex, client, resp, body, self._resumes, self._same)
                 if resp.status_code == 200:
                     body, verdict = integrity.checked_body(ex, body)
             await send_stream(ex, resp.status_code, headers, body, verdict=verdict, client=client)
@@ -157,7 +160,7 @@ class BlobRelay:
         if not passthrough_login:
             # The gateway's credentials: the fetch asks for the rest itself when its body breaks.
             # A passthrough fetch holds the leader's token only: its readers go on alone instead.
-            body = integrity.resumable_body(producer, client, resp, body, self._resumes)
+            body = integrity.resumable_body(producer, client, resp, body, self._resumes, self._same)
         algorithm = integrity.algorithm_for(ex)
         self._producers[fetch] = producer
         route = ex.route_name
@@ -211,7 +214,7 @@ class BlobRelay:
             }
             logger.info("a reader left a shared fetch; going on alone", extra={"fields": fields})
             segment = Segment(resume.position, reader.end - 1, fetch.total)
-            body = integrity.rest_of(ex, client, segment, self._resumes)
+            body = integrity.rest_of(ex, client, segment, self._resumes, self._same)
             if algorithm is not None and resume.hasher is not None:
                 for piece in resume.prefix:
                     await resume.hasher.feed(piece)

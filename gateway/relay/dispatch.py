@@ -54,6 +54,7 @@ class Relay:
         cache: ManifestCache | None = None,
         *,
         blob_resumes: int = 0,
+        resume_same_upstream: int = 1,
         budgets: budget.BudgetStore | None = None,
         board: herd.Board | None = None,
         grants: Grants | None = None,
@@ -66,7 +67,14 @@ class Relay:
         watch = BudgetWatch(clients, budgets if budgets is not None else budget.BudgetStore())
         opener = Opener(clients, watch)
         self._manifests = ManifestRelay(clients, cache, opener)
-        self._blobs = BlobRelay(clients, opener, blob_resumes=blob_resumes, board=board, permits=JoinPermits(clients))
+        self._blobs = BlobRelay(
+            clients,
+            opener,
+            blob_resumes=blob_resumes,
+            resume_same_upstream=resume_same_upstream,
+            board=board,
+            permits=JoinPermits(clients),
+        )
         self._listings = ListRelay(opener)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

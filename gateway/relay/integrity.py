@@ -17,20 +17,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 
 from gateway.blobs.digest import Verdict, algorithm_of, verified
-from gateway.blobs.resume import Segment, continues, resumable, segment_of
+from gateway.blobs.resume import Breaks, NotTheRest, Segment, continues, resumable, segment_of
 from gateway.http.errors import UNAVAILABLE, RegistryError
+from gateway.observe import metrics
 from gateway.relay.exchange import Exchange
 from gateway.routing.reference import is_digest
 from gateway.routing.request_rules import upstream_headers
-from gateway.upstream.client import UpstreamClient
+from gateway.upstream.client import PASS_OVER_SECONDS, UpstreamClient
 
 logger = logging.getLogger("gateway.integrity")
 
 
 def _reopener(
-    ex: Exchange, client: UpstreamClient, segment: Segment, later: list[httpx.Response]
+    ex: Exchange, client: UpstreamClient, segment: Segment, later: list[httpx.Response], breaks: Breaks
 ) -> Callable[[int], Awaitable[AsyncIterator[bytes]]]:
-    """How the rest of ``segment`` after ``sent`` bytes is asked for: the whole path again."""
+    """How the rest of ``segment`` after ``sent`` bytes is asked for: the whole path again, of the
+    sources the body has not been passed over on (``resume.Breaks``)."""
 
     async def reopen(sent: int) -> AsyncIterator[bytes]:
         while later:
@@ -46,18 +48,40 @@ def _reopener(
                 login=ex.login,
                 avoid=ex.api.reference,
                 content_addressed=True,
+                exclude=breaks.excluded(client.sources),
             )
         later.append(opened.response)
+        ex.record.upstream = opened.upstream.url
+        ex.upstream = opened.upstream
         if not continues(segment, sent, opened.response.status_code, opened.response.headers):
-            raise RuntimeError(
+            # RFC 9110 14.4: a 200 starts from byte 0, a 206 for other bytes is not the rest.
+            raise NotTheRest(
                 f"the resume answered {opened.response.status_code} "
                 f"{opened.response.headers.get('content-range', '')}, not the rest of the blob"
             )
-        ex.record.upstream = opened.upstream.url
-        ex.upstream = opened.upstream
         return opened.response.aiter_raw()
 
     return reopen
+
+
+def _broke(ex: Exchange, client: UpstreamClient, breaks: Breaks) -> None:
+    """A body from ``ex.upstream`` broke (or a resume of it was not the rest): counted; once it broke
+    more than the route allows, that source is passed over for this body, and for the blob a while."""
+    upstream = ex.upstream
+    if upstream is None or not breaks.broke(upstream.url):
+        return
+    if len(client.sources) > 1:
+        client.avoid(upstream, ex.api.reference, PASS_OVER_SECONDS)
+    metrics.UPSTREAM_PASSED_OVER.labels(ex.route_name, upstream.url).inc()
+    fields = {
+        "event": "upstream_passed_over",
+        "request_id": ex.record.request_id,
+        "route": ex.route_name,
+        "upstream": upstream.url,
+        "digest": ex.api.reference,
+        "breaks": breaks.counts[upstream.url],
+    }
+    logger.warning("a blob's bodies from an upstream kept breaking; asking the next one", extra={"fields": fields})
 
 
 def _resumed(
@@ -67,8 +91,13 @@ def _resumed(
     reopen: Callable[[int], Awaitable[AsyncIterator[bytes]]],
     later: list[httpx.Response],
     max_resumes: int,
+    client: UpstreamClient,
+    breaks: Breaks,
 ) -> AsyncIterator[bytes]:
-    def on_resume(sent: int, error: BaseException) -> None:
+    def on_break(sent: int, error: BaseException, resumed: bool) -> None:
+        _broke(ex, client, breaks)
+        if not resumed:
+            return
         ex.record.resumes = (ex.record.resumes or 0) + 1
         fields = {
             "event": "blob_resume",
@@ -83,7 +112,7 @@ def _resumed(
 
     async def resumed() -> AsyncIterator[bytes]:
         try:
-            async for chunk in resumable(body, segment, reopen, max_resumes=max_resumes, on_resume=on_resume):
+            async for chunk in resumable(body, segment, reopen, max_resumes=max_resumes, on_break=on_break):
                 yield chunk
         finally:
             while later:
@@ -93,31 +122,50 @@ def _resumed(
 
 
 def resumable_body(
-    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int
+    ex: Exchange,
+    client: UpstreamClient,
+    resp: httpx.Response,
+    body: AsyncIterator[bytes],
+    max_resumes: int,
+    same_source: int = 1,
 ) -> AsyncIterator[bytes]:
-    """A blob body that is asked for again from where it broke (``resume.py``), when it can be."""
+    """A blob body that is asked for again from where it broke (``resume.py``), when it can be:
+    ``same_source`` more times of the source that broke, then of the next source of the route."""
     segment = segment_of(resp.status_code, resp.headers)
     if segment is None or max_resumes <= 0:
         return body
     later: list[httpx.Response] = []  # the answers to resumes, closed when done
-    return _resumed(ex, body, segment, _reopener(ex, client, segment, later), later, max_resumes)
+    breaks = Breaks(same_source)
+    reopen = _reopener(ex, client, segment, later, breaks)
+    return _resumed(ex, body, segment, reopen, later, max_resumes, client, breaks)
 
 
-async def rest_of(ex: Exchange, client: UpstreamClient, segment: Segment, max_resumes: int) -> AsyncIterator[bytes]:
+async def rest_of(
+    ex: Exchange, client: UpstreamClient, segment: Segment, max_resumes: int, same_source: int = 1
+) -> AsyncIterator[bytes]:
     """``segment`` of a blob on its own upstream request (a reader that left a shared fetch), resumed too.
 
     The request is the client's own: its login, a fresh token and redirect, failover and
-    mirrors, a 206 for exactly that range or nothing (``RuntimeError``, the transfer aborted).
+    mirrors, a 206 for exactly that range (else, as for a resume, the next source), or nothing
+    (the transfer aborted).
     """
     later: list[httpx.Response] = []
-    reopen = _reopener(ex, client, segment, later)
+    breaks = Breaks(same_source)
+    reopen = _reopener(ex, client, segment, later, breaks)
     try:
-        body = await reopen(0)
+        for attempt in range(max_resumes + 1):
+            try:
+                body = await reopen(0)
+                break
+            except NotTheRest:
+                if attempt == max_resumes:
+                    raise
+                _broke(ex, client, breaks)
     except BaseException:
         while later:
             await later.pop().aclose()
         raise
-    async for chunk in _resumed(ex, body, segment, reopen, later, max_resumes):
+    async for chunk in _resumed(ex, body, segment, reopen, later, max_resumes, client, breaks):
         yield chunk
 
 

@@ -48,6 +48,9 @@ _FAILOVER_STATUSES = frozenset({502, 503, 504})
 # An upstream that served a blob's bytes wrong is not asked for that blob again for this long
 # (when the route has another upstream): the client's retry goes elsewhere.
 AVOID_SECONDS = 600.0
+# An upstream whose bodies of a blob kept breaking is passed over for that blob this long (when
+# the route has another source): later pulls of it start elsewhere (``blobs/resume.Breaks``).
+PASS_OVER_SECONDS = 300.0
 # A mirror that refuses a repository (401/403) is not asked for it again for this long.
 MIRROR_REFUSAL_SECONDS = 300.0
 _MAX_AVOIDED = 10_000
@@ -103,6 +106,11 @@ class UpstreamClient:
                 del self._avoided[stale]
         self._avoided[(upstream.url, key)] = now + seconds
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every URL content may come from: the mirrors (asked first for it), then the upstreams."""
+        return tuple(u.url for u in (*self.route.mirrors, *self.route.upstreams))
+
     def _avoiding(self, upstream: Upstream, key: str) -> bool:
         until = self._avoided.get((upstream.url, key))
         return until is not None and until > self._clock()
@@ -142,6 +150,7 @@ class UpstreamClient:
         login: Login = GATEWAY_LOGIN,
         avoid: str | None = None,
         content_addressed: bool = False,
+        exclude: frozenset[str] = frozenset(),
     ) -> Opened:
         """Send a request to ``path`` on the first upstream that answers; the caller closes ``.response``.
 
@@ -150,16 +159,24 @@ class UpstreamClient:
         skips upstreams that served it wrong lately, unless no other is left.
         ``content_addressed`` (a blob, a manifest by digest): the route's mirrors are asked
         first, and any of their answers but a success passes on to the next one.
+        ``exclude`` (upstream and mirror URLs) are not asked at all: the sources a broken blob
+        body is passed over on (``blobs/resume.Breaks``).
         """
-        upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url)]
+        upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url) and u.url not in exclude]
         if avoid is not None and len(upstreams) > 1:
             upstreams = [u for u in upstreams if not self._avoiding(u, avoid)] or upstreams
         if content_addressed and self.route.mirrors:
             # Before the breaker's verdict on the upstreams: content a mirror has is served even
             # while every upstream rests (that is when mirrors matter most).
-            opened = await self._from_mirrors(method, path, query, headers, repository, follow_redirects, avoid)
+            opened = await self._from_mirrors(
+                method, path, query, headers, repository, follow_redirects, avoid, exclude
+            )
             if opened is not None:
                 return opened
+        if not upstreams and exclude and all(u.url in exclude for u in self.route.upstreams):
+            raise RegistryError(
+                502, UNAVAILABLE, f"every upstream of {self.route.name} failed to send this content whole"
+            )
         if not upstreams:
             wait = self.breaker.retry_after([u.url for u in self.route.upstreams])
             raise RegistryError(
@@ -206,12 +223,13 @@ class UpstreamClient:
         repository: str,
         follow_redirects: bool,
         avoid: str | None,
+        exclude: frozenset[str] = frozenset(),
     ) -> Opened | None:
         """The first mirror that has the content, or None. Mirrors are asked anonymously (never
         with the route's credentials or a client's token) and their bytes are checked by digest."""
         refusal = f"refused:{repository}"
         for mirror in self.route.mirrors:
-            if not self.breaker.available(mirror.url) or self._avoiding(mirror, refusal):
+            if mirror.url in exclude or not self.breaker.available(mirror.url) or self._avoiding(mirror, refusal):
                 continue
             if avoid is not None and self._avoiding(mirror, avoid):
                 continue

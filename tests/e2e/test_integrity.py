@@ -220,41 +220,93 @@ def test_stall_mid_blob_is_resumed(
     assert wait_for(lambda: way.front.held_connections == 0)
 
 
-def test_resume_answered_with_200_aborts_the_client(
+@pytest.mark.parametrize("refusal", [None, "ignore_range", "wrong_range"])
+def test_a_body_that_keeps_breaking_moves_on_to_the_next_upstream(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+    refusal: str | None,
+) -> None:
+    """Upstream A breaks the body, then its resume breaks too (a reset again, a 200 with the whole
+    blob, or a 206 for other bytes): A is passed over and the rest comes from B, intact."""
+    image, digest, size = layer
+    quarter = size // 4
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    other = fronts(testbed.ghcr.registry_url)
+    if refusal is None:
+        way.front.fault(digest, "reset", at=quarter, times=None)
+    else:
+        way.front.fault(digest, "reset", at=quarter)
+        way.front.fault(digest, refusal, times=None)  # type: ignore[arg-type]
+    gw = start_gateway(way.route, [way.front.url, other.url])
+    url = f"{gw.url}/v2/{image.repo}/blobs/{digest}"
+
+    code, body = curl(url, tmp_path / "blob")
+    assert code == 0
+    assert body == real
+    first, second = ranges(way.front, digest)
+    assert first == (None, 200, "reset", quarter)
+    assert second[0] == f"bytes={quarter}-{size - 1}"
+    if refusal is None:
+        assert second == (f"bytes={quarter}-{size - 1}", 206, "reset", quarter)
+    else:
+        assert (second[1], second[2]) == (200 if refusal == "ignore_range" else 206, refusal)
+    offset = 2 * quarter if refusal is None else quarter
+    assert ranges(other, digest) == [(f"bytes={offset}-{size - 1}", 206, None, size - offset)]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["bytes"], line["resumes"], line["verified"]) == (200, size, 2, "ok")
+    [passed] = log_events(gw, "upstream_passed_over")
+    assert (passed["upstream"], passed["digest"], passed["breaks"]) == (way.front.url, digest, 2)
+    labels = {"route": way.route, "upstream": way.front.url}
+    assert metric(gw, "registry_gateway_upstream_passed_over_total", **labels) == 1
+
+    # A is passed over for that blob a while: the next pull (once nothing is kept in memory) starts on B.
+    assert wait_for(lambda: metric(gw, "registry_gateway_shared_window_bytes") == 0, timeout=30)
+    seen = len(way.front.requests)
+    code, body = curl(url, tmp_path / "again")
+    assert (code, body) == (0, real)
+    assert len(way.front.requests) == seen
+    assert ranges(other, digest)[-1] == (None, 200, None, size)
+
+
+def test_every_upstream_breaking_aborts_the_client_only_then(
     testbed: Testbed,
     fronts: MakeFront,
     start_gateway: StartGateway,
     tmp_path: Path,
     layer: tuple[Image, str, int],
 ) -> None:
-    """A 200 (the whole blob again) to the resume's Range is no continuation: the client sees a cut."""
+    """A and B both break every body: each is asked twice, then the client's transfer is cut, with
+    nothing left connected."""
     image, digest, size = layer
-    half = size // 2
     real = blob_bytes(testbed, "ghcr", image, digest)
     way = direct_path(testbed, fronts)
-    way.front.fault(digest, "reset", at=half)
-    way.front.fault(digest, "ignore_range")
-    gw = start_gateway(way.route, [way.upstream])
+    other = fronts(testbed.ghcr.registry_url)
+    for front in (way.front, other):
+        front.fault(digest, "reset", at=1000, times=None)
+    gw = start_gateway(way.route, [way.front.url, other.url], env={"GATEWAY_BLOB_RESUMES": "3"})
 
     code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
     assert code in INCOMPLETE
-    # Never a clean end, never a wrong byte: a prefix of the blob (the held last chunk never sent).
-    assert len(body) <= half
     assert body == real[: len(body)]
     assert ranges(way.front, digest) == [
-        (None, 200, "reset", half),
-        (f"bytes={half}-{size - 1}", 200, "ignore_range", size),  # sent on without its Range
+        (None, 200, "reset", 1000),
+        (f"bytes=1000-{size - 1}", 206, "reset", 1000),
+    ]
+    assert ranges(other, digest) == [
+        (f"bytes=2000-{size - 1}", 206, "reset", 1000),
+        (f"bytes=3000-{size - 1}", 206, "reset", 1000),
     ]
     assert wait_for(lambda: bool(blob_gets(gw, digest)))
     [line] = blob_gets(gw, digest)
-    assert (line["status"], line["resumes"], line["verified"], line["error"]) == (
-        200,
-        1,
-        "incomplete",
-        "upstream_broke",
-    )
-    assert line["bytes"] == len(body)
-    assert metric(gw, "registry_gateway_blob_resumes_total", route=way.route) == 1
+    assert (line["resumes"], line["verified"], line["error"]) == (3, "incomplete", "upstream_broke")
+    assert [e["upstream"] for e in log_events(gw, "upstream_passed_over")] == [way.front.url, other.url]
+    for front in (way.front, other):
+        assert wait_for(lambda: front.open_connections == 0), f"{front.open_connections} left open"
 
 
 def test_flipped_byte_aborts_and_the_next_pull_uses_the_next_upstream(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from gateway.blobs.resume import Segment, continues, parse_content_range, resumable, segment_of
+from gateway.blobs.resume import Breaks, NotTheRest, Segment, continues, parse_content_range, resumable, segment_of
 from gateway.settings import Settings
 from tests.unit.conftest import asgi_get, in_process_app
 from tests.unit.fake_registry import BLOB, BLOB_DIGEST, REGISTRY, FakeRegistry, response
@@ -94,6 +94,47 @@ async def test_a_refused_resume_ends_with_the_original_break():
         async for _ in resumable(breaking(b"x" * 10, 5), Segment(0, 9, 10), reopen, max_resumes=3):
             pass
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_an_answer_that_is_not_the_rest_is_a_break_and_asked_again():
+    data = bytes(range(100))
+    told: list[tuple[int, str, bool]] = []
+    answers = iter(["refused", "refused", "rest"])
+
+    async def reopen(sent: int) -> AsyncIterator[bytes]:
+        if next(answers) == "refused":
+            raise NotTheRest("a 200")
+        return _whole(data[sent:])
+
+    def on_break(sent: int, error: BaseException, resumed: bool) -> None:
+        told.append((sent, type(error).__name__, resumed))
+
+    got = resumable(breaking(data, 10), Segment(0, 99, 100), reopen, max_resumes=3, on_break=on_break)
+    assert b"".join([c async for c in got]) == data
+    assert told == [(10, "ReadError", True), (10, "NotTheRest", True), (10, "NotTheRest", True)]
+    told.clear()
+    answers = iter(["refused"] * 5)
+    with pytest.raises(httpx.ReadError):  # the first failure, not the refusals after it
+        async for _ in resumable(breaking(data, 10), Segment(0, 99, 100), reopen, max_resumes=2, on_break=on_break):
+            pass
+    assert told == [(10, "ReadError", True), (10, "NotTheRest", True), (10, "NotTheRest", False)]
+
+
+def test_a_source_is_asked_once_more_then_passed_over_until_every_one_failed():
+    sources = ("https://mirror", "https://a", "https://b")
+    breaks = Breaks(same_source=1)
+    assert breaks.broke("https://a") is False  # asked once more
+    assert breaks.excluded(sources) == frozenset()
+    assert breaks.broke("https://a") is True  # broke again: passed over
+    assert breaks.excluded(sources) == {"https://a"}
+    assert breaks.broke("https://a") is False  # already passed over: said once
+    assert breaks.broke("https://b") is False
+    assert breaks.broke("https://b") is True
+    assert breaks.broke("https://mirror") is False
+    assert breaks.broke("https://mirror") is True
+    assert breaks.excluded(sources) == frozenset()  # every one failed: each may be asked again
+    assert breaks.passed_over == ["https://a", "https://b", "https://mirror"]
+    assert Breaks(same_source=0).broke("https://a") is True  # the next source at the first break
 
 
 # --- through the relay -------------------------------------------------------------------------
