@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.blobs import pace
+from gateway.blobs import pace, tail
 from gateway.blobs.digest import DigestMismatch, StreamHasher
 from gateway.blobs.hold import Gathering, Linger, hold, keep_from, linger_left
 from gateway.blobs.merge import Lineage
@@ -37,6 +37,9 @@ class Reader:
     fetch: SharedFetch
     resume: Resume | None = None
     loose: bool = False  # the herd no longer waits for it (``pace.Pace.review``)
+    # A place held in an older fetch for readers still reading the tail of a younger one that merged
+    # into it (``SharedFetch.keep_tail``): it reads nothing, it only keeps the bytes from there.
+    pin: bool = False
 
     async def stream(self, own: Continue) -> AsyncGenerator[bytes, None]:
         """This reader's bytes: from the window while it keeps up, then from ``own(resume)``.
@@ -58,6 +61,9 @@ class Reader:
                     self.position += len(piece)
                     fetch.pace.nudge(fetch.produced - self.position, fetch.board.window_now)
                     yield piece
+                    continue
+                if fetch.merged:
+                    tail.hop(fetch, self)  # the end of a merged fetch's tail: on in the older fetch
                     continue
                 if fetch.error is not None:
                     if fetch.detach_on_break and not isinstance(fetch.error, DigestMismatch):
@@ -127,6 +133,8 @@ class SharedFetch:
         self.ended = 0.0  # when the upstream body ended
         self.linger = Linger(self._linger_left, self.free)  # complete, no reader left, kept a moment
         self.served = self.detached = 0  # readers it fed (handed over included), readers let go
+        # Merged, with readers still reading its tail: the place held for them in the older fetch.
+        self.pinned: Reader | None = None
 
     @property
     def produced(self) -> int:  # bytes in (or through) the window
@@ -201,12 +209,12 @@ class SharedFetch:
 
     # -- readers come and go ------------------------------------------------------------
 
-    def _attach(self, start: int, end: int) -> Reader:
+    def _attach(self, start: int, end: int, *, pin: bool = False) -> Reader:
         if self.linger.active:
             self.linger.end()
             self.board.lingering.pop(self, None)
-        reader = Reader(start, end, self)
-        self.served += 1
+        reader = Reader(start, end, self, pin=pin)
+        self.served += not pin
         self.readers.add(reader)
         return reader
 
@@ -247,6 +255,7 @@ class SharedFetch:
         if self._freed:
             return
         self._freed = True
+        tail.unpin(self)
         self.linger.end()
         self.board.lingering.pop(self, None)
         self.board.forget(self)
@@ -260,6 +269,8 @@ class SharedFetch:
 
     def detach(self, reader: Reader, reason: str) -> None:
         """``reader`` goes on alone from its offset, with the hash state and bytes it needs."""
+        if reader.pin:  # no client behind it: the tail's readers see it and go on alone
+            return tail.let_go(self, reader, reason)
         resume = Resume(reader.position, reason)
         if self.marks is not None:
             self.marks.resume(resume)
@@ -306,7 +317,10 @@ class SharedFetch:
         with an older one neither waits for its own readers nor holds."""
         board = self.board
         await self.pace.wait_for_readers(
-            self.produced, self.readers, lambda: pace.reach(board.window_now), wait=self.lineage.older is None
+            self.produced,
+            self.readers,
+            lambda: pace.reach(board.window_now),
+            catching_up=self.lineage.older is not None,
         )
         if self.gathering_state.active and self.produced >= pace.reach(self.board.window_now):
             held, reason = await hold(
@@ -340,12 +354,7 @@ class SharedFetch:
                     await result
         if self._on_end is not None:
             self._on_end(self)
-        fields: dict[str, object] = {"event": "shared_fetch_ended", "digest": self.key[2], "bytes": self.produced}
-        fields.update(
-            chunks=self.bytes.chunks, readers=self.served, detached=self.detached, waited=round(self.waited, 3)
-        )
-        fields["outcome"] = "merged" if self.merged else "complete" if self.done else type(self.error).__name__
-        logger.info("a shared upstream body ended", extra={"fields": fields})
+        _log_ended(self)
         if not self.readers:
             self._idle()
 

@@ -31,7 +31,7 @@ def front(produced: int, readers: Collection[Paced]) -> int:
     return max((r.position for r in readers), default=produced)
 
 
-def ahead(produced: int, readers: Collection[Paced], reach: int) -> str | None:
+def ahead(produced: int, readers: Collection[Paced], reach: int, *, catching_up: bool = False) -> str | None:
     """Why the fetch should wait for its readers before it reads on, if it should.
 
     ``"front"``: it is ``READAHEAD`` ahead of the fastest. ``"herd"``: the fastest wait for the
@@ -39,7 +39,15 @@ def ahead(produced: int, readers: Collection[Paced], reach: int) -> str | None:
     behind the last byte read), unless that reader was let go (``Pace.review``). Readers only a
     little slower than the rest (clients short of CPU, whom the scheduler serves unevenly) stay
     together on one upstream body instead of each going on alone; while the herd waits for them
-    they get the cores."""
+    they get the cores.
+
+    ``catching_up``: the fetch is catching up with an older one, which waits for it (``merge.py``).
+    A herd paces it as any herd does, so that the merge keeps it whole (found in #21: a catch-up
+    that raced ahead of its herd left it behind the older's window, and the merge sent every
+    reader off alone). A lone reader does not hold it back: a slow late client would hold the
+    older fetch's clients back with it; it falls out of the window and goes on alone."""
+    if catching_up and len(readers) < 2:
+        return None
     if produced - front(produced, readers) >= READAHEAD:
         return "front"
     if len(readers) < 2:
@@ -75,14 +83,17 @@ class Pace:
         if not self._room.is_set() and (lag < READAHEAD or lag >= window // 2):
             self._room.set()
 
+    def wake(self) -> None:
+        """Something the fetch may wait for changed (a reader it waited for is gone): look again."""
+        self._room.set()
+
     async def wait_for_readers(
-        self, produced: int, readers: Collection[Paced], reach: Callable[[], int], *, wait: bool
+        self, produced: int, readers: Collection[Paced], reach: Callable[[], int], *, catching_up: bool
     ) -> None:
         """Before the fetch reads on: wait while it is ahead of its readers (``ahead``), then review
-        the period. ``wait`` False: a fetch catching up with an older one reads on whatever its
-        readers do (a slow reader of its own falls out of its window and goes on alone)."""
+        the period."""
         loop = asyncio.get_running_loop()
-        while wait and readers and (why := ahead(produced, readers, reach())):
+        while readers and (why := ahead(produced, readers, reach(), catching_up=catching_up)):
             self._room.clear()
             began = loop.time()
             held_back = why == "herd" and herd_waits(produced, readers)

@@ -386,6 +386,47 @@ def test_a_slow_late_client_does_not_hold_the_early_ones_back(
     assert wait_for(lambda: windows_empty(gw))
 
 
+def test_a_merge_keeps_the_herd_that_keeps_up(
+    testbed: Testbed, long_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
+) -> None:
+    """An older fetch streams to a slow client; 8 pulls of the blob come, and the first of them is
+    killed 0.6 s in. The younger fetch they share catches up and merges: every follower that keeps
+    up reads on (from the younger's window, then the older's), none is sent off on its own request
+    (found in #21: 6 followers detached as "slow" at the merge, 8 upstream GETs for 8 clients)."""
+    front = fronts(testbed.ghcr.registry_url)
+    # A window of 16 MiB: room for the jitter of 9 curls on 2 cores, so that herd pacing (which
+    # lets go a reader that holds the others back for most of a period) keeps every follower.
+    gw = start_gateway("ghcr.io", front.url, {"GATEWAY_SHARED_WINDOW_BYTES": str(2 * SMALL_WINDOW)})
+    url = f"{gw.url}/v2/{PUBLIC}/blobs/{long_blob.digest}"
+
+    slow = Pull(url, "slow", rate="3M")
+    slow.wait_for_bytes(30 * MIB)  # its fetch's window left the first byte long ago
+    followers = [Pull(url, f"follower-{i}", rate="12M") for i in range(8)]
+    time.sleep(0.6)
+    followers[0].kill()
+    for p in followers[1:]:
+        p.wait()
+        p.got(long_blob)
+    slow.wait()
+    slow.got(long_blob)
+
+    assert wait_for(lambda: len(blob_gets(gw, long_blob.digest)) == 9)
+    events = [e for e in gw.log_lines() if '"shared_fetch_' in e]
+    detached = [e["request_id"] for e in log_events(gw, "shared_fetch_detached")]
+    assert not [name for name in detached if name.startswith("follower")], events
+    for p in followers[1:]:
+        line = line_of(gw, p)
+        assert (line["status"], line["bytes"], line["verified"]) == (200, long_blob.size, "ok")
+        assert line["share"] in ("joined", "merged", "led")
+    # Upstream: the older fetch, the younger one (closed once merged), and at most the slow
+    # client's own rest once the herd let it go.
+    whole = [g for g in gets(front, long_blob.digest) if g[0] is None]
+    assert len(whole) == 2, gets(front, long_blob.digest)
+    assert len(gets(front, long_blob.digest)) <= 3
+    assert log_events(gw, "shared_fetch_merged")
+    assert wait_for(lambda: windows_empty(gw))
+
+
 def test_clients_that_come_one_after_another_cost_one_fetch(
     testbed: Testbed, long_blob: Blob, fronts: MakeFront, start_gateway: StartGateway
 ) -> None:
