@@ -687,6 +687,7 @@ def test_docs_helm_example_renders_exactly(tmp_path):
     commands = helm_commands()
     assert [c[:2] for c in commands] == [["helm", "install"], ["helm", "upgrade"]]
     values_text = doc_example("helm-values")
+    assert values_text.startswith("# my-values.yaml\n")  # the file the commands name
     for argv in commands:
         release, chart_path = argv[2], argv[3]
         options = argv[4:]
