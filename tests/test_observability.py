@@ -29,7 +29,7 @@ PENDING = {"registry_gateway_shared_window_budget_bytes", "registry_gateway_upst
 
 def exported() -> set[str]:
     # Every sample name prometheus-client knows for the registered metrics (_total, _bucket, ...).
-    names: dict[str, Any] = getattr(REGISTRY, "_names_to_collectors")
+    names = REGISTRY._names_to_collectors
     return {n for n in names if n.startswith("registry_gateway_")} | PENDING
 
 
@@ -83,10 +83,12 @@ def test_every_alert_has_a_summary_description_and_runbook_section() -> None:
     anchors = {slug(line.lstrip("#")) for line in OPERATIONS.read_text().splitlines() if line.startswith("#")}
     for rule in rules():
         notes = rule["annotations"]
-        assert notes.get("summary") and notes.get("description"), rule["alert"]
+        assert notes.get("summary"), rule["alert"]
+        assert notes.get("description"), rule["alert"]
         page, _, anchor = notes["runbook_url"].partition("#")
         assert page == "docs/operations.md", rule["alert"]
-        assert anchor == rule["alert"].lower() and anchor in anchors, f"{rule['alert']}: no section {anchor}"
+        assert anchor == rule["alert"].lower(), rule["alert"]
+        assert anchor in anchors, f"{rule['alert']}: no section {anchor}"
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
 
 

@@ -87,6 +87,7 @@ class StatusPage:
         for fetch in self.board.fetches():
             route, repository, digest = fetch.key
             total = fetch.total or None
+            positions = [reader.position for reader in fetch.readers]
             rows.append(
                 {
                     "route": route,
@@ -98,6 +99,8 @@ class StatusPage:
                     "bytes": fetch.produced,
                     "total": total,
                     "progress": round(fetch.produced / total, 4) if total else None,
+                    "slowest_reader_bytes": min(positions, default=None),
+                    "fastest_reader_bytes": max(positions, default=None),
                     "age_seconds": round(now - fetch.created, 3),
                     "idle_seconds": round(now - fetch.progressed, 3),
                     "state": _fetch_state(fetch.ready.is_set(), fetch.running, fetch.done, fetch.lingering),
@@ -211,6 +214,7 @@ def render(data: dict[str, Any], refresh: int) -> str:
             f"{_cell(f['route'])}{_cell(f['repository'])}{_cell(f['digest'][:19] + '…')}{_cell(f['state'])}"
             f'<td class="readers">{f["readers"]}</td>{_cell(_size(f["bytes"]) + " / " + _size(f["total"]))}'
             f'<td class="progress"><progress max="1" value="{f["progress"] or 0}"></progress> {progress or "–"}</td>'
+            f"{_cell(_size(f['slowest_reader_bytes']) + ' – ' + _size(f['fastest_reader_bytes']))}"
             f"{_cell(f['age_seconds'])}</tr>"
         )
     error_rows = [
@@ -240,7 +244,7 @@ def render(data: dict[str, Any], refresh: int) -> str:
         _table(
             "Shared fetches in flight",
             "fetches",
-            ["route", "repository", "digest", "state", "readers", "bytes", "progress", "age s"],
+            ["route", "repository", "digest", "state", "readers", "read upstream", "progress", "readers at", "age s"],
             fetch_rows,
             "none right now",
         ),
@@ -256,6 +260,7 @@ def render(data: dict[str, Any], refresh: int) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{refresh}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>registry-gateway status</title>
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
