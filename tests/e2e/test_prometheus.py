@@ -184,11 +184,14 @@ def pulled(
     for missing in (f"docker.gw.test:{port}/library/alpine:no-such-tag", f"ghcr.gw.test:{port}/org/nothing:v1"):
         with pytest.raises(AssertionError, match="failed"):
             skopeo("inspect", "--tls-verify=false", f"docker://{missing}")
-    served = gateway_requests(observed_gateway)
     instance = f'instance="127.0.0.1:{port}"'
     expr = f'sum(registry_gateway_requests_total{{{instance}, route!="-"}})'
-    # Prometheus has scraped everything the pulls did.
-    assert wait_for(lambda: prometheus.value(expr) == served, timeout=60), (prometheus.value(expr), served)
+    # Prometheus has scraped everything the pulls did (the gateway counts a request just after its
+    # answer, so its own figure is read again each time).
+    assert wait_for(lambda: prometheus.value(expr) == gateway_requests(observed_gateway), timeout=60), (
+        prometheus.value(expr),
+        gateway_requests(observed_gateway),
+    )
     # ... and at least a few scrapes since, so that rates over the last minute see the pulls' counters move.
     scrapes = f'count_over_time(up{{job="{JOB}", {instance}}}[1m])'
     first = prometheus.value(scrapes) or 0

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.relay.status import render
 from gateway.settings import Settings
 from tests.unit.conftest import in_process_app, in_process_client
 from tests.unit.fake_registry import REGISTRY, FakeRegistry, registry_error
@@ -85,3 +86,29 @@ async def test_other_methods_get_registry_errors(fake: FakeRegistry, method: str
         answer = await client.request(method, "/status")
     assert answer.status_code == 405
     assert answer.json()["errors"][0]["code"] == "UNSUPPORTED"
+
+
+def test_the_page_escapes_what_it_shows() -> None:
+    hostile = "<script>alert(1)</script>"
+    data: dict[str, Any] = {
+        "gateway": {"version": "1", "pid": 1, "generated": "now", "uptime_seconds": 1.0},
+        "routes": [{"name": hostile, "hosts": [], "upstreams": []}],
+        "budgets": [],
+        "shared_fetches": [],
+        "windows": {"held_bytes": 0, "budget_bytes": 1},
+        "recent_errors": [
+            {
+                "time": "t",
+                "route": "r",
+                "upstream": "u",
+                "kind": "manifest",
+                "method": "GET",
+                "status": 404,
+                "error": hostile,
+                "repository": hostile,
+            }
+        ],
+    }
+    page = render(data, 5)
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page
