@@ -30,7 +30,7 @@ from gateway import __version__
 from gateway.blobs.board import Board
 from gateway.observe.recent import Recent
 from gateway.routing.budget import BudgetStore
-from gateway.routing.routes import RouteTable
+from gateway.routing.routes import Route, RouteTable
 from gateway.upstream.client import UpstreamClient
 
 DEFAULT_REFRESH = 5
@@ -58,14 +58,13 @@ class StatusPage:
         self.show_clients = show_clients
         self.started = time.time()
 
-    def _upstreams(self, route_name: str) -> list[dict[str, Any]]:
-        client = self.clients.get(route_name)
-        route = next(r for r in self.table.routes if r.name == route_name)
+    def _upstreams(self, route: Route) -> list[dict[str, Any]]:
+        client = self.clients.get(route.name)
         rows: list[dict[str, Any]] = []
         for role, upstreams in (("upstream", route.upstreams), ("mirror", route.mirrors)):
             for upstream in upstreams:
                 state, failures = client.breaker.state(upstream.url) if client else ("closed", 0)
-                seen = self.recent.upstream(route_name, upstream.url)
+                seen = self.recent.upstream(route.name, upstream.url)
                 p99 = seen.p99() if seen else None
                 rows.append(
                     {
@@ -125,8 +124,7 @@ class StatusPage:
                 "uptime_seconds": round(now - self.started, 1),
             },
             "routes": [
-                {"name": r.name, "hosts": list(r.hosts), "upstreams": self._upstreams(r.name)}
-                for r in self.table.routes
+                {"name": r.name, "hosts": list(r.hosts), "upstreams": self._upstreams(r)} for r in self.table.routes
             ],
             "budgets": self._budgets(),
             "shared_fetches": self._fetches(),

@@ -73,7 +73,7 @@ def test_the_status_page_in_chromium(status_gateway: Gateway, testbed: Testbed, 
         pytest.skip("chromium is not installed (scripts/install installs it)")
     sync_api = pytest.importorskip("playwright.sync_api")
     gw = status_gateway
-    blob = push_blob(testbed, 16 * MIB, "ghcr", ("org/herd",))
+    blob = push_blob(testbed, 48 * MIB, "ghcr", ("org/herd",))
     # A failing pull, for the recent errors.
     assert httpx.get(f"{gw.url}/v2/org/nothing/manifests/v1", timeout=10, trust_env=False).status_code == 404
     pulled = httpx.get(
@@ -84,58 +84,60 @@ def test_the_status_page_in_chromium(status_gateway: Gateway, testbed: Testbed, 
     )
     assert pulled.status_code == 200
     url = f"{gw.url}/v2/org/herd/blobs/{blob.digest}"
-    pulls = [Pull(url, f"status-{i}", rate="1M") for i in range(2)]
-    try:
-        assert wait_for(lambda: (shared(gw, blob) or {}).get("readers") == 2, timeout=30), shared(gw, blob)
-        problems: list[str] = []
-        with sync_api.sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "profile"),  # a fresh user-data dir
-                executable_path=CHROMIUM,
-                headless=True,
-                args=CHROMIUM_ARGS,
-                viewport={"width": 1280, "height": 900},
+    problems: list[str] = []
+    pulls: list[Pull] = []
+    with sync_api.sync_playwright() as playwright:
+        # The browser first (slow to start on a busy machine), then the pulls: the shared fetch is
+        # under way while the page is looked at. Loopback socket buffers take several MiB of each
+        # reader at once, so the blob is large and the readers slow; they are stopped at the end.
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),  # a fresh user-data dir
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        try:
+            pulls.extend(Pull(url, f"status-{i}", rate="512K") for i in range(2))
+            assert wait_for(lambda: (shared(gw, blob) or {}).get("readers") == 2, timeout=30), shared(gw, blob)
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            answer = page.goto(f"{gw.url}/status?refresh=1")
+            assert answer is not None
+            assert answer.status == 200
+            assert page.title() == "registry-gateway status"
+            # Readers come and go between two answers: compare a page with the JSON answers taken
+            # just before and after it when those two agree (a few tries).
+            for _ in range(10):
+                before = status_json(gw)
+                page.reload()
+                shown, data = read_page(page), status_json(gw)
+                if comparable(before) == comparable(data):
+                    break
+            assert shown["routes"] == [
+                (r["name"], u["url"], u["breaker"]) for r in data["routes"] for u in r["upstreams"]
+            ]
+            assert [name for name, _, _ in shown["routes"]] == ["ghcr.io", "docker.io"]
+            assert blob.digest in [digest for digest, _ in shown["fetches"]]
+            assert shown["fetches"] == [(f["digest"], str(f["readers"])) for f in data["shared_fetches"]]
+            assert shown["errors"] == [(e["route"], str(e["status"])) for e in data["recent_errors"]]
+            assert ("ghcr.io", "404") in shown["errors"]
+            assert shown["budgets"] == [(b["route"], b["credential"], str(b["remaining"])) for b in data["budgets"]]
+            assert [b[:2] for b in shown["budgets"]] == [("docker.io", "anonymous")]
+            assert "source" not in data["budgets"][0]  # Docker Hub's count is the client address
+            page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
+            # It reloads itself: a new page, generated later, comes without anyone asking.
+            generated = page.text_content("#generated")
+            page.wait_for_function(
+                "old => document.getElementById('generated')?.textContent !== old", arg=generated, timeout=15_000
             )
-            try:
-                page = context.new_page()
-                page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                answer = page.goto(f"{gw.url}/status?refresh=1")
-                assert answer is not None
-                assert answer.status == 200
-                assert page.title() == "registry-gateway status"
-                # Readers come and go between two answers: compare a page with the JSON answers taken
-                # just before and after it when those two agree (a few tries).
-                for _ in range(10):
-                    before = status_json(gw)
-                    page.reload()
-                    shown, data = read_page(page), status_json(gw)
-                    if comparable(before) == comparable(data):
-                        break
-                assert shown["routes"] == [
-                    (r["name"], u["url"], u["breaker"]) for r in data["routes"] for u in r["upstreams"]
-                ]
-                assert [name for name, _, _ in shown["routes"]] == ["ghcr.io", "docker.io"]
-                assert blob.digest in [digest for digest, _ in shown["fetches"]]
-                assert shown["fetches"] == [(f["digest"], str(f["readers"])) for f in data["shared_fetches"]]
-                assert shown["errors"] == [(e["route"], str(e["status"])) for e in data["recent_errors"]]
-                assert ("ghcr.io", "404") in shown["errors"]
-                assert shown["budgets"] == [(b["route"], b["credential"], str(b["remaining"])) for b in data["budgets"]]
-                assert [b[:2] for b in shown["budgets"]] == [("docker.io", "anonymous")]
-                assert "source" not in data["budgets"][0]  # Docker Hub's count is the client address
-                page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
-                # It reloads itself: a new page, generated later, comes without anyone asking.
-                generated = page.text_content("#generated")
-                page.wait_for_function(
-                    "old => document.getElementById('generated')?.textContent !== old", arg=generated, timeout=15_000
-                )
-                assert page.text_content("#generated") != generated
-            finally:
-                context.close()
-        assert problems == []
-    finally:
-        for pull in pulls:
-            pull.kill()
+            assert page.text_content("#generated") != generated
+        finally:
+            for pull in pulls:
+                pull.kill()
+            context.close()
+    assert problems == []
     target = os.environ.get("STATUS_SCREENSHOT")
     if target:
         shutil.copy(tmp_path / "status.png", target)
