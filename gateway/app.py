@@ -30,8 +30,10 @@ from gateway.net.breaker import Breaker
 from gateway.net.egress import route_transport
 from gateway.observe import metrics, tracing
 from gateway.observe.log import AccessLogMiddleware, configure_logging
+from gateway.observe.recent import Recent
 from gateway.relay.dispatch import Relay
 from gateway.relay.manifest_cache import ManifestCache
+from gateway.relay.status import StatusPage
 from gateway.routing.access import AccessControl, ClientAuth, RateLimiter
 from gateway.routing.budget import BudgetStore
 from gateway.routing.reference import BUDGET_STATUS_PATH, TOKEN_PATH, is_api_path
@@ -169,6 +171,10 @@ def create_app(
         grants=grants,
     )
 
+    # /status: open like /metrics (it reveals topology, not secrets; docs/operations.md).
+    recent = Recent(keep_clients=settings.status_show_clients)
+    status = StatusPage(table, clients, budgets, board, recent, show_clients=settings.status_show_clients)
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -200,6 +206,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/status", status.endpoint, methods=["GET"]),
             Route(BUDGET_STATUS_PATH, budget_status, methods=["GET"]),
         ],
         exception_handlers={404: _not_found, 405: _not_found},
@@ -211,5 +218,5 @@ def create_app(
         inner = AccessControl(inner, limiter=limiter, auth=auth)
     if tracing.configure(provider=tracer_provider):
         inner = tracing.TracingMiddleware(inner)
-    app = AccessLogMiddleware(inner, observers=[metrics.observe])
+    app = AccessLogMiddleware(inner, observers=[metrics.observe, recent.observe])
     return ForwardedHeadersMiddleware(app, settings.forwarded_allow_ips)

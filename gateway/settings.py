@@ -99,6 +99,8 @@ class Settings(BaseSettings):
 
     shared_window_bytes: int = Field(default=128 << 20, ge=0)
     shared_memory_bytes: int = Field(default=512 << 20, ge=0)
+    # /status shows client addresses (of recent errors, and Docker Hub's ratelimit source) only if set.
+    status_show_clients: bool = False
     # Bytes every reader of a shared fetch has had, kept behind the slowest (a younger fetch that
     # catches up merges into them). A fetch's first bytes are kept apart from these (herd.HEAD).
     shared_retain_bytes: int = Field(default=8 << 20, ge=0)

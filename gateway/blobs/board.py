@@ -57,6 +57,10 @@ class Board:
         """The newest fetch of ``key``: being opened (``ready`` not set) or streaming."""
         return self._fetches.get(key)
 
+    def fetches(self) -> list[SharedFetch]:
+        """The newest fetch of every key under way (the status page lists them)."""
+        return list(self._fetches.values())
+
     def lead(self, key: Key) -> SharedFetch:
         """A new fetch of ``key`` that the caller opens; later requests find it (and wait for it).
 

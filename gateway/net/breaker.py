@@ -40,3 +40,10 @@ class Breaker:
         self._failures[key] = count
         if count >= self.threshold:
             self._open_until[key] = self._clock() + self.cooldown
+
+    def state(self, key: str) -> tuple[str, int]:
+        """``closed``, ``open`` (resting) or ``half-open`` (rested, on trial), and the consecutive failures."""
+        failures = self._failures.get(key, 0)
+        if key not in self._open_until:
+            return "closed", failures
+        return ("open" if not self.available(key) else "half-open"), failures
