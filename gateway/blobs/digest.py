@@ -25,11 +25,13 @@ import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB; a lag of two batches lets the
-# relay go on while one is hashed (measured per GiB in docs/performance.md: the pipeline's own
-# cost fell from a third of sha256's to a tenth). Chunks of IN_PLACE or more are not copied.
+# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches; while one is hashed the
+# next fills, up to MAX_HASH_LAG, then the relay waits for the hash. So a stream holds at most
+# 2 MiB not yet hashed (512 KiB more than with 512 KiB batches; a lag of 2 MiB saved a little
+# more CPU but 16 checked streams then peaked 27 MiB higher). Measured in docs/performance.md.
+# Chunks of IN_PLACE or more are hashed where they lie.
 HASH_BATCH = 1 << 20
-MAX_HASH_LAG = 2 << 20
+MAX_HASH_LAG = 1 << 20
 IN_PLACE = 64 << 10
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
