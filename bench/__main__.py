@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from bench import clients, procs
+from bench.lone import print_lone
 from bench.options import MEASUREMENTS, Options
 from bench.provenance import git_info, machine_info
 from bench.report import PATHS, Figure, markdown_table, table
@@ -253,6 +254,7 @@ def print_summary(result: dict[str, Any], keys: list[str] | None = None, *, mark
             f"{', '.join(str(r['heads']) for r in rollout['runs'])} HEADs (target: at most 2 GETs per tag)"
         )
     print_herd(details.get("herd_scenario"))
+    print_lone(details.get("lone"))
     checks = result.get("checks", {})
     sha = ", ".join(f"{path} {'ok' if check.get('ok') else 'FAILED'}" for path, check in checks.items())
     print(f"sha256 of a whole blob download and manifest digest: {sha or '-'}")

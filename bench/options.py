@@ -40,4 +40,4 @@ class Options:
 
 
 #: what ``--only`` may name, in the order a run measures them
-MEASUREMENTS = ("tokens", "verify", "ttfb", "single", "aggregate", "manifests", "resume", "rollout", "herd")
+MEASUREMENTS = ("tokens", "verify", "ttfb", "single", "aggregate", "manifests", "lone", "resume", "rollout", "herd")

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench import herd, manifests, procs, resumes, rollout, streams
+from bench import herd, lone, manifests, procs, resumes, rollout, streams
 from bench.clients import ClientAuth, Target
 from bench.options import MEASUREMENTS
 from bench.servers import Gateway, NginxProxy, ServerError, tail
@@ -51,6 +51,7 @@ class Run(Session):
                 "single": lambda: streams.measure_single_stream(self),
                 "aggregate": lambda: streams.measure_aggregate(self),
                 "manifests": lambda: manifests.measure_manifests(self),
+                "lone": lambda: lone.measure_lone(self, tb),
                 "resume": lambda: resumes.measure_resumes(self, tb),
                 "rollout": lambda: rollout.measure_rollout(self, tb),
                 "herd": lambda: herd.measure_herd(self, tb),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +52,9 @@ class Server:
     """A subprocess in a session of its own (so its workers can be signalled as one group), logging to a file."""
 
     name = "server"
+    scheme = "http"
+    #: the CA file its TLS answers are verified with (``scheme`` https)
+    verify: Path | None = None
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -60,7 +66,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self.scheme}://{LOOPBACK}:{self.port}"
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self._log = self.log_path.open("ab")
@@ -83,7 +89,10 @@ class Server:
                     f"{self.name} exited with {self.returncode()} before it answered:\n{tail(self.log_path)}"
                 )
             try:
-                httpx.get(self.url + path, timeout=2.0, trust_env=False)
+                verify: ssl.SSLContext | bool = True
+                if self.verify is not None:
+                    verify = ssl.create_default_context(cafile=str(self.verify))
+                httpx.get(self.url + path, timeout=2.0, trust_env=False, verify=verify)
                 return
             except httpx.HTTPError as exc:
                 last = exc
@@ -129,14 +138,58 @@ class NginxProxy(Server):
 
     name = "nginx"
 
-    def __init__(self, workdir: Path, registry_url: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        registry_url: str,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        upstream_ca: Path | None = None,
+        upstream_name: str = "registry.bench.test",
+        realm: str | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.registry_url = registry_url
         self.conf_path = self.dir / "nginx.conf"
+        #: (certificate, key): it listens with TLS (a TLS upstream for the others)
+        self.tls = tls
+        #: the CA an https ``registry_url`` is verified with, under the name ``upstream_name``
+        self.upstream_ca = upstream_ca
+        self.upstream_name = upstream_name
+        #: a TLS front also serves the registry's token realm (http) over https, and names it in the
+        #: challenge instead: an https upstream may not send the gateway to a plaintext realm
+        self.realm = realm
+        if tls is not None:
+            self.scheme = "https"
+            self.verify = upstream_ca
 
     def config(self) -> str:
         d = self.dir
-        registry = self.registry_url.removeprefix("http://")
+        upstream_tls = self.registry_url.startswith("https://")
+        registry = self.registry_url.removeprefix("http://").removeprefix("https://")
+        listen = f"{LOOPBACK}:{self.port} backlog=1024"
+        if self.tls is not None:
+            listen += f" ssl;\n        ssl_certificate {self.tls[0]};\n        ssl_certificate_key {self.tls[1]}"
+        upstream = "http://registry"
+        realm_map = realm_location = challenge = ""
+        if self.realm is not None and self.tls is not None:
+            parts = urllib.parse.urlsplit(self.realm)
+            origin = f"{parts.scheme}://{parts.netloc}"
+            realm_map = (
+                "map $upstream_http_www_authenticate $bench_challenge {\n"
+                f'        "~^(?<head>.*){re.escape(origin)}(?<tail>.*)$" "${{head}}https://{LOOPBACK}:{self.port}${{tail}}";\n'
+                "        default $upstream_http_www_authenticate;\n    }"
+            )
+            realm_location = f"location {parts.path} {{ proxy_pass {origin}; }}"
+            challenge = (
+                "proxy_hide_header WWW-Authenticate;\n            add_header WWW-Authenticate $bench_challenge always;"
+            )
+        if upstream_tls:
+            upstream = (
+                "https://registry;\n            proxy_ssl_verify on;\n            proxy_ssl_session_reuse on;\n"
+                f"            proxy_ssl_trusted_certificate {self.upstream_ca};\n"
+                f"            proxy_ssl_name {self.upstream_name}"
+            )
         return f"""\
 daemon off;
 master_process on;
@@ -160,20 +213,25 @@ http {{
     scgi_temp_path {d}/temp/scgi;
     keepalive_requests 100000;
 
+    {realm_map}
+
     upstream registry {{
         server {registry};
         keepalive 64;
     }}
 
     server {{
-        listen {LOOPBACK}:{self.port} backlog=1024;
+        listen {listen};
 
         location = /__bench_health {{
             return 200 "ok";
         }}
 
+        {realm_location}
+
         location /v2/ {{
-            proxy_pass http://registry;
+            {challenge}
+            proxy_pass {upstream};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;

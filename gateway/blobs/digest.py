@@ -9,7 +9,8 @@ does), so a client never sees a clean end of wrong bytes, and its retry can go e
 
 Hashing must not stall the event loop: hashlib releases the GIL for buffers over 2 KiB,
 so batches of about ``HASH_BATCH`` bytes are hashed by a small thread pool, one batch in
-flight per stream (a hash is sequential), pipelined with the relay. When the hashing falls
+flight per stream (a hash is sequential), pipelined with the relay; each chunk of a batch is
+hashed where it lies, small ones joined first. When the hashing falls
 ``MAX_HASH_LAG`` behind, the relay waits for it: memory stays bounded per stream.
 
 Algorithms: sha256 and sha512 (the registered ones); a digest of another algorithm is
@@ -24,8 +25,14 @@ import hashlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-HASH_BATCH = 512 << 10
+# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches; while one is hashed the
+# next fills, up to MAX_HASH_LAG, then the relay waits for the hash. So a stream holds at most
+# 2 MiB not yet hashed (512 KiB more than with 512 KiB batches; a lag of 2 MiB saved a little
+# more CPU but 16 checked streams then peaked 27 MiB higher). Measured in docs/performance.md.
+# Chunks of IN_PLACE or more are hashed where they lie.
+HASH_BATCH = 1 << 20
 MAX_HASH_LAG = 1 << 20
+IN_PLACE = 64 << 10
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
 
@@ -51,9 +58,21 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _update(hasher: hashlib._Hash, chunks: list[bytes], mark: bool) -> hashlib._Hash | None:
-    # One update of the joined batch, not one per chunk: each update releases and takes back
-    # the GIL, and every hand-over costs the relay's thread a wait (measured: a third more CPU).
-    hasher.update(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    # A large chunk is hashed where it lies (no copy): joining a batch of 256 KiB reads cost a
+    # memcpy of every byte for nothing (docs/performance.md). Small chunks (a TLS record, a slow
+    # link) are joined first: each update releases and takes back the GIL, and every hand-over
+    # costs the relay's thread a wait.
+    small: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) >= IN_PLACE:
+            if small:
+                hasher.update(small[0] if len(small) == 1 else b"".join(small))
+                small = []
+            hasher.update(chunk)
+        else:
+            small.append(chunk)
+    if small:
+        hasher.update(small[0] if len(small) == 1 else b"".join(small))
     # The state after the batch, for a reader of a shared fetch that goes on alone from here
     # (``blobs/herd.py``); copied in this thread, before the next batch can change it.
     return hasher.copy() if mark else None
