@@ -72,7 +72,7 @@ class Tally:
 
     def relayed(self, entry: dict[str, Any]) -> bool:
         """A 5xx that the upstream named in the access line answered itself (a fault front's status)."""
-        if entry.get("error") != "upstream":
+        if entry.get("error") != "upstream" or entry.get("status", 0) < 500:
             return False
         names = [name for name, front in self.stage.fronts.items() if front.url == entry.get("upstream")]
         start, end = entry["_start"] - SLACK, entry["_end"] + SLACK
