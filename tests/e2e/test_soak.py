@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.conftest import require
 from tests.support import ROOT
 from tests.testbed.bed import Testbed
 from tests.testbed.faults import FaultFront
@@ -41,6 +42,8 @@ def test_status_fault_answers_from_the_front(testbed: Testbed) -> None:
 
 
 def test_soak_for_a_minute(tmp_path: Path) -> None:
+    # The soak starts a test bed, a gateway and containerd of its own (as `python -m bench.soak` does).
+    require("skopeo", "unshare", "containerd", "ctr", "curl", "nginx")
     out = tmp_path / "soak.json"
     argv = [sys.executable, "-m", "bench.soak", "--seconds", "60", "--out", str(out), "--workdir", str(tmp_path / "w")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
