@@ -94,6 +94,10 @@ class Clients:
                 record.end = time.time()
             with self._lock:
                 self.pulls.append(record)
+            if record.outcome == "failed":
+                # as real clients do, back off a moment: a route that answers 503 at once would
+                # otherwise turn the soak into a loop of failed pulls
+                self._stop.wait(rng.uniform(0.5, 1.5))
 
     # ------------------------------------------------------------------ the clients
     def _skopeo(self, rng: random.Random, work: Path) -> Pull:

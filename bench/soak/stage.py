@@ -25,6 +25,7 @@ from tests.testbed.tokens import TokenServer
 MULTI = "ghcr.io"  # upstreams A and B, mirror M
 CDN = "docker.io"  # one upstream (H), blobs by redirect to CDN URLs that expire
 IMAGES = {MULTI: ("app",), CDN: ("bigimage", "alpine")}
+BREAKER_COOLDOWN = 3.0
 
 
 class QuietEdge(ExpiringEdge):
@@ -46,6 +47,8 @@ class Stage:
     edge: ExpiringEdge
     gateway: Gateway
     ttl: float
+    #: GATEWAY_BREAKER_COOLDOWN: how long an upstream that failed in a row is skipped
+    breaker_cooldown: float
     #: (start, end) wall-clock windows in which the token server was down
     token_outages: list[tuple[float, float]] = field(default_factory=list)
 
@@ -125,6 +128,8 @@ def stage(
             )
         )
         fronts["C"] = cdn
-        env = {"GATEWAY_BLOB_IDLE_TIMEOUT": str(idle_timeout)}
+        # A short idle timeout turns a stall into a break soon; a short breaker cooldown keeps a
+        # single-upstream route from resting 30 s (the default) after each burst of 5xx faults.
+        env = {"GATEWAY_BLOB_IDLE_TIMEOUT": str(idle_timeout), "GATEWAY_BREAKER_COOLDOWN": str(BREAKER_COOLDOWN)}
         gateway = stack.enter_context(run_gateway(routes_toml(fronts), workdir / "gateway", env=env))
-        yield Stage(workdir, bed, fronts, edge, gateway, ttl)
+        yield Stage(workdir, bed, fronts, edge, gateway, ttl, BREAKER_COOLDOWN)

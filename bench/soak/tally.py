@@ -60,6 +60,10 @@ class Tally:
 
     def every_upstream_failed(self, entry: dict[str, Any]) -> bool:
         start, end = entry["_start"] - SLACK, entry["_end"] + SLACK
+        if "upstream" not in entry:
+            # Answered without asking anyone: every upstream's breaker was open, which only
+            # failures in a row within the cooldown before can have done.
+            start -= self.stage.breaker_cooldown
         if any(down_start <= end and start <= down_end for down_start, down_end in self.stage.token_outages):
             return True
         digest = blob_digest(entry["path"])
