@@ -25,6 +25,7 @@ from tests.testbed.faults import FrontRequest
 UPSTREAMS = {MULTI: ("A", "B"), CDN: ("H",)}
 SLACK = 0.5  # seconds around a request's window (clocks of the gateway and of the fronts' threads)
 BROKE = ("upstream_broke", "digest_mismatch")
+BREAKER_SLACK = 5.0  # seconds before a breaker's cooldown in which the failures that opened it came
 
 
 def access_lines(log: Path) -> list[dict[str, Any]]:
@@ -60,14 +61,15 @@ class Tally:
 
     def every_upstream_failed(self, entry: dict[str, Any]) -> bool:
         start, end = entry["_start"] - SLACK, entry["_end"] + SLACK
-        if "upstream" not in entry:
+        breaker = "upstream" not in entry
+        if breaker:
             # Answered without asking anyone: every upstream's breaker was open, which only
-            # failures in a row within the cooldown before can have done.
-            start -= self.stage.breaker_cooldown
+            # failures in a row (of any request to it, not only this blob's) before can have done.
+            start -= self.stage.breaker_cooldown + BREAKER_SLACK
         if any(down_start <= end and start <= down_end for down_start, down_end in self.stage.token_outages):
             return True
         digest = blob_digest(entry["path"])
-        needle = digest.partition(":")[2] if digest else ""
+        needle = digest.partition(":")[2] if digest and not breaker else ""
         for name in UPSTREAMS.get(entry.get("route", ""), ()):
             asked = [r for r in self.requests[name] if start <= r.time <= end and needle in r.target]
             if not any(_failed(r) for r in asked):
