@@ -15,6 +15,7 @@ On command it breaks the requests whose target (path and query) contains a strin
     front.fault(digest, "flip", at=5, times=None)    # byte 5 of the body inverted, every time
     front.fault(digest, "ignore_range")              # a Range request sent on without its Range: a 200
     front.fault(digest, "wrong_range")               # a Range sent on one byte later: a 206 for other bytes
+    front.fault("/v2/", "status", status=429, headers={"Retry-After": "1"})  # answered by the front itself
 
 ``at`` counts the body bytes of that one response (of a ``206``, from its first byte). The body
 faults apply to ``200`` and ``206`` answers only (a ``401`` or a ``307`` passes untouched and
@@ -22,8 +23,12 @@ uses no ``times``); ``ignore_range`` and ``wrong_range`` to requests with a ``Ra
 matching request. Before a reset, the front waits until the peer has acknowledged every byte
 sent, so the peer holds exactly ``at`` bytes when the RST arrives.
 
+A ``status`` fault answers the request itself, with that status, the extra headers and a registry
+JSON error body, and the target never sees it (an overloaded or rate-limiting registry); it
+applies to every request that matches, whatever its method or answer.
+
 ``requests`` lists every request seen (method, target, Range, status, fault, body bytes sent,
-Authorization as sent);
+Authorization as sent, the wall-clock time it came);
 ``open_connections`` and ``held_connections`` (stalls) count client connections now open.
 ``rewrite_location=(old, new)`` replaces a ``Location`` prefix, so a registry's redirect to the
 CDN can be pointed at another front; ``location_query`` (called once per rewritten ``Location``)
@@ -38,20 +43,23 @@ from __future__ import annotations
 import array
 import asyncio
 import fcntl
+import json
 import socket
 import struct
 import termios
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Literal
 
 from ._util import LOOPBACK, TestbedError
 
-FaultKind = Literal["reset", "stall", "flip", "ignore_range", "wrong_range"]
+FaultKind = Literal["reset", "stall", "flip", "ignore_range", "wrong_range", "status"]
 BODY_FAULTS: frozenset[str] = frozenset({"reset", "stall", "flip"})
 RANGE_FAULTS: frozenset[str] = frozenset({"ignore_range", "wrong_range"})
+STATUS_FAULTS: frozenset[str] = frozenset({"status"})
 _READ = 64 << 10
 _SENT_WAIT = 5.0  # seconds to wait for the peer to acknowledge what was sent before a reset
 
@@ -65,6 +73,9 @@ class Fault:
     at: int = 0
     times: int | None = 1
     fired: int = 0
+    #: a ``status`` fault's answer: its status and extra headers
+    status: int = 503
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     def applies(self, target: str) -> bool:
         if self.times is not None and self.fired >= self.times:
@@ -84,6 +95,8 @@ class FrontRequest:
     status: int = 0
     body_bytes: int = 0
     authorization: str | None = None
+    #: when the request came (``time.time()``), so a soak can tell which requests overlapped
+    time: float = field(default_factory=time.time)
 
 
 class _Reset(Exception):
@@ -219,9 +232,18 @@ class FaultFront:
         return f"http://{LOOPBACK}:{self.port}"
 
     # ------------------------------------------------------------------ commands and counts
-    def fault(self, match: str, kind: FaultKind, *, at: int = 0, times: int | None = 1) -> Fault:
+    def fault(
+        self,
+        match: str,
+        kind: FaultKind,
+        *,
+        at: int = 0,
+        times: int | None = 1,
+        status: int = 503,
+        headers: Mapping[str, str] | None = None,
+    ) -> Fault:
         """Misbehave on requests whose target contains ``match`` (a digest also by its hex)."""
-        fault = Fault(match, kind, at, times)
+        fault = Fault(match, kind, at, times, status=status, headers=dict(headers or {}))
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -320,6 +342,9 @@ class FaultFront:
         entry = FrontRequest(method, target, _header(lines, b"range"), authorization=_header(lines, b"authorization"))
         with self._lock:
             self._requests.append(entry)
+        if (canned := self._take(target, STATUS_FAULTS)) is not None:
+            await self._answer_status(lines, reader, writer, entry, canned)
+            return True
         if entry.range is not None and (taken := self._take(target, RANGE_FAULTS)) is not None:
             entry.fault = taken.kind
             lines = _without(lines, b"range")
@@ -343,6 +368,35 @@ class FaultFront:
         until_close = await self._body(method, head, entry.status, up_reader, answer)
         closing = [(_header(h, b"connection") or "").lower() == "close" for h in (lines, head)]
         return not until_close and not any(closing)
+
+    @staticmethod
+    async def _answer_status(
+        lines: list[bytes],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        entry: FrontRequest,
+        fault: Fault,
+    ) -> None:
+        """Answer a ``status`` fault from the front itself; the request's body is read and dropped."""
+        length = _header(lines, b"content-length")
+        if length is not None and int(length) > 0:
+            await reader.readexactly(int(length))
+        try:
+            phrase = HTTPStatus(fault.status).phrase
+        except ValueError:
+            phrase = "Fault"
+        code = "TOOMANYREQUESTS" if fault.status == 429 else "UNAVAILABLE"
+        error = {"code": code, "message": f"fault front: {fault.status} {phrase}", "detail": None}
+        body = b"" if entry.method == "HEAD" else json.dumps({"errors": [error]}).encode()
+        head = [
+            f"HTTP/1.1 {fault.status} {phrase}".encode("latin-1"),
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            *(f"{name}: {value}".encode("latin-1") for name, value in fault.headers.items()),
+        ]
+        entry.status, entry.fault = fault.status, fault.kind
+        writer.write(_head(head) + body)
+        await writer.drain()
 
     def _rewritten(self, head: list[bytes]) -> list[bytes]:
         location = _header(head, b"location")
