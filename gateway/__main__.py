@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"registry-gateway: error: {exc}")
 
+    from gateway import sizing
+
+    try:
+        memory = sizing.budget(settings.shared_memory_bytes, settings.workers, sizing.container_limit())
+    except sizing.DoesNotFit as exc:
+        sys.exit(f"registry-gateway: error: {exc}")
     configure_logging(settings.log_level)
     if settings.token_secret is None and settings.workers > 1:
         # One secret for every worker, so that a grant one signs another accepts (grants.py).
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "routes": [r.name for r in table.routes],
                 "listen": [_address_text(s) for s in sockets],
                 "workers": settings.workers,
+                "shared_memory_bytes": memory.per_worker,
+                "shared_memory_from": memory.source,
+                "memory_limit": memory.limit,
             }
         },
     )

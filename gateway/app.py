@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import sizing
 from gateway.auth.authorizer import authorizer_for
 from gateway.auth.grants import Grants
 from gateway.auth.tokens import TokenCache
@@ -148,9 +149,11 @@ def create_app(
             digest_ttl=settings.manifest_cache_digest_ttl,
             stale_if_error=settings.manifest_stale_if_error,
         )
+    memory = sizing.budget(settings.shared_memory_bytes, settings.workers, sizing.container_limit()).per_worker
+    metrics.SHARED_WINDOW_BUDGET.set(memory)
     board = herd.Board(
         settings.shared_window_bytes,
-        settings.shared_memory_bytes,
+        memory,
         on_held=metrics.SHARED_WINDOW_BYTES.inc,
         on_merge=lambda key: metrics.SHARED_MERGES.labels(key[0]).inc(),
         on_wait=lambda key, seconds: metrics.SHARED_WAIT_SECONDS.labels(key[0]).inc(seconds),

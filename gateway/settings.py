@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     token_secret: SecretStr | None = None
 
     shared_window_bytes: int = Field(default=128 << 20, ge=0)
-    shared_memory_bytes: int = Field(default=512 << 20, ge=0)
+    # Unset: sized from the container's memory limit (sizing.py), 512 MiB where there is none.
+    shared_memory_bytes: int | None = Field(default=None, ge=0)
     # /status shows client addresses (of recent errors, and Docker Hub's ratelimit source) only if set.
     status_show_clients: bool = False
     # Bytes every reader of a shared fetch has had, kept behind the slowest (a younger fetch that

@@ -172,6 +172,12 @@ SHARED_WINDOW_BYTES = Gauge(
     "Bytes held in the windows of all shared fetches right now.",
     multiprocess_mode="livesum",
 )
+SHARED_WINDOW_BUDGET = Gauge(
+    "registry_gateway_shared_window_budget_bytes",
+    "Bytes the windows of shared fetches may hold in all (each worker's budget, summed): sized from the "
+    "container's memory limit unless GATEWAY_SHARED_MEMORY_BYTES is set.",
+    multiprocess_mode="livesum",
+)
 BLOB_BODY_BYTES = Counter(
     "registry_gateway_blob_body_bytes",
     "Blob body bytes by side: read from upstreams (upstream) and sent to clients (client), by route; "

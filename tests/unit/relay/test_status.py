@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway import sizing
 from gateway.relay.status import render
 from gateway.settings import Settings
 from tests.unit.conftest import in_process_app, in_process_client
@@ -47,7 +48,7 @@ async def test_json_lists_routes_upstreams_and_recent_errors(fake: FakeRegistry)
     assert upstream["p99_seconds"] is not None
     assert upstream["last_error"]["status"] == 404
     assert [(e["status"], e["repository"]) for e in data["recent_errors"]] == [(404, "missing/x")]
-    assert data["windows"]["budget_bytes"] == Settings().shared_memory_bytes
+    assert data["windows"]["budget_bytes"] == sizing.budget(None, 1, sizing.container_limit()).per_worker
     assert data["shared_fetches"] == []
     text = answer.text
     assert "198.51.100.9" not in text
