@@ -36,9 +36,27 @@ class DoesNotFit(ValueError):
     """An explicit budget that the container's memory limit cannot hold."""
 
 
-def container_limit(files: Sequence[str] = LIMIT_FILES) -> int | None:
+def own_limit_files(proc_cgroup: str = "/proc/self/cgroup") -> list[str]:
+    """The limit files of this process's own cgroup (``/proc/self/cgroup``: ``0::/path`` on v2,
+    ``N:memory:/path`` on v1), then the cgroup root's (in a container, the container's own)."""
+    found = []
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.strip("/")
+        if controllers == "" and path:
+            found.append(f"/sys/fs/cgroup/{path}/memory.max")
+        elif "memory" in controllers.split(",") and path:
+            found.append(f"/sys/fs/cgroup/memory/{path}/memory.limit_in_bytes")
+    return [*found, *LIMIT_FILES]
+
+
+def container_limit(files: Sequence[str] | None = None) -> int | None:
     """The memory limit of the cgroup this process runs in, or None when there is none."""
-    for name in files:
+    for name in own_limit_files() if files is None else files:
         try:
             text = Path(name).read_text().strip()
         except OSError:
