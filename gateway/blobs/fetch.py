@@ -38,7 +38,7 @@ class Reader:
     resume: Resume | None = None
     loose: bool = False  # the herd no longer waits for it (``pace.Pace.review``)
     # A place held in an older fetch for readers still reading the tail of a younger one that merged
-    # into it (``SharedFetch.keep_tail``): it reads nothing, it only keeps the bytes from there.
+    # into it (``tail.keep``): it reads nothing, it only keeps the bytes from there.
     pin: bool = False
 
     async def stream(self, own: Continue) -> AsyncGenerator[bytes, None]:
@@ -214,7 +214,7 @@ class SharedFetch:
             self.linger.end()
             self.board.lingering.pop(self, None)
         reader = Reader(start, end, self, pin=pin)
-        self.served += not pin
+        self.served += 0 if pin else 1
         self.readers.add(reader)
         return reader
 
@@ -314,7 +314,7 @@ class SharedFetch:
     async def between_chunks(self) -> None:
         """Before the next upstream read: wait for the readers (``pace.py``), hold for latecomers
         (``hold.py``), or wait while a younger fetch catches up (``merge.py``). A fetch catching up
-        with an older one neither waits for its own readers nor holds."""
+        with an older one never holds, and a lone reader of it does not pace it (``pace.ahead``)."""
         board = self.board
         await self.pace.wait_for_readers(
             self.produced,

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
-from gateway.blobs import tail as tail_of
+from gateway.blobs import tail
 from gateway.blobs.terms import MERGE_STALL
 from gateway.blobs.window import HashMarks
 
@@ -143,7 +143,7 @@ class Lineage(Generic[G]):
             )
             self.unlink(me)
             return
-        moved, tail = 0, 0
+        moved, short = 0, 0
         for reader in list(me.readers):
             if reader.position >= older.base:
                 me.readers.discard(reader)
@@ -154,13 +154,13 @@ class Lineage(Generic[G]):
             elif reader.loose:
                 me.detach(reader, "slow")  # the herd had let it go already
             else:
-                tail += 1  # keeps up, but has not reached the older's bytes: reads this window first
+                short += 1  # keeps up, but has not reached the older's bytes: reads this window first
         me.merged = True
         self.unlink(me)
-        if tail:
-            tail_of.keep(me, older, position)
-        fields = {"event": "shared_fetch_merged", "digest": me.key[2], "offset": position, "readers": moved + tail}
-        fields["tail"] = tail
+        if short:
+            tail.keep(me, older, position)
+        fields = {"event": "shared_fetch_merged", "digest": me.key[2], "offset": position, "readers": moved + short}
+        fields["tail"] = short
         logger.info("a younger fetch of a blob caught up and handed its readers over", extra={"fields": fields})
         me.handed_over(older)
 
