@@ -40,6 +40,8 @@ class Reader:
     # A place held in an older fetch for readers still reading the tail of a younger one that merged
     # into it (``tail.keep``): it reads nothing, it only keeps the bytes from there.
     pin: bool = False
+    # Whether its client has asked for its first bytes: until then it is not detached (``spare_the_new``).
+    started: bool = False
 
     async def stream(self, own: Continue) -> AsyncGenerator[bytes, None]:
         """This reader's bytes: from the window while it keeps up, then from ``own(resume)``.
@@ -48,6 +50,7 @@ class Reader:
         when the shared body failed and the reader cannot go on alone. A reader whose fetch
         merged into an older one (``merge.py``) reads on from that one: ``self.fetch``.
         """
+        self.started = True
         try:
             while True:
                 fetch = self.fetch
@@ -386,7 +389,7 @@ class SharedFetch:
             head=board.head,
             under_cap=board.held <= board.memory,
         )
-        limit = max(self.produced - board.window_now, consumed)
+        limit = spare_the_new(self.readers, max(self.produced - board.window_now, consumed), board.window_now)
         if limit <= self.base:
             return
         target = self.marks.floor(limit) if self.marks is not None else limit
@@ -403,6 +406,17 @@ class SharedFetch:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and self.error is None and not self.merged
+
+
+def spare_the_new(readers: set[Reader], limit: int, window: int) -> int:
+    """Where the window may drop to (``limit``), kept down to a reader whose client has not asked for a
+    byte yet. A client joins where the window still holds its first byte (``holds``), and the chunk
+    the fetch was reading when it came may push that byte out before the client's task first runs
+    (both wake in one turn of the loop; found in CI, a rollout's joiner let go at byte 0): it would
+    go upstream on its own for what was here. Kept for at most one more window: a client that never
+    starts does not hold the memory for ever."""
+    new = [r.position for r in readers if not r.started and not r.pin]
+    return limit if not new else max(min(limit, min(new)), limit - window)
 
 
 def _log_held(fetch: SharedFetch, seconds: float, reason: str) -> None:

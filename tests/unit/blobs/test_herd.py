@@ -257,6 +257,32 @@ async def test_a_joiner_starts_where_the_window_still_holds() -> None:
     assert bytes(got) == data
 
 
+async def test_a_joiner_at_the_window_edge_is_not_let_go_before_it_reads() -> None:
+    # The client joins while the window still holds byte 0, a window behind the last byte read;
+    # the next chunk comes before its task first runs (in CI both woke in one turn of the loop).
+    data = blob(4 << 20)
+    window = 1 << 20
+    board = herd.Board(window=window, memory=64 << 20)
+    up = Upstream(data)
+    fetch, first = start(board, up, data, verify=False)  # (a checked window drops at hash marks only)
+    chunks = fetch.read(first, no_own)
+    got = bytearray()
+    while len(got) < window:
+        got += await anext(chunks)
+    up.gate.clear()  # the next upstream chunk waits
+    assert (fetch.produced, fetch.base) == (window, 0)
+    assert fetch.holds(0)
+    joiner = fetch.join(0, len(data))
+    up.gate.set()
+    while fetch.produced == window:  # the chunk that passes byte 0 out of the window
+        await asyncio.sleep(0.001)
+    late, rest = await asyncio.gather(drain(fetch.read(joiner, no_own)), drain(chunks))
+    assert late == data
+    assert bytes(got + rest) == data
+    assert up.read == len(data)  # one upstream body for both
+    assert fetch.detached == 0
+
+
 async def test_the_memory_cap_turns_sharing_off_for_new_fetches() -> None:
     board = herd.Board(window=8 << 20, memory=32 << 20)
     assert board.has_room(100 << 20)
