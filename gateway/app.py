@@ -6,6 +6,7 @@ given); ``worker_app`` is the factory uvicorn calls in every worker process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -46,6 +47,9 @@ from gateway.upstream.passthrough import TokenRelay
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+
+# How often each worker counts its asyncio tasks for /metrics (``metrics.sample_tasks``).
+TASK_SAMPLE_SECONDS = 5.0
 
 
 class App:
@@ -185,6 +189,7 @@ def create_app(
         return JSONResponse({"status": "ready", "routes": [r.name for r in table.routes]})
 
     async def metrics_endpoint(request: Request) -> Response:
+        metrics.count_tasks()  # exact for this worker at every scrape; the others' are a moment old
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
@@ -197,9 +202,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        sampler = asyncio.get_running_loop().create_task(metrics.sample_tasks(TASK_SAMPLE_SECONDS))
         try:
             yield
         finally:
+            sampler.cancel()
             for client in clients.values():
                 await client.aclose()
             tracing.shutdown()

@@ -2,7 +2,8 @@
 
 Exit status 1 when an invariant fails: a pull that ended cleanly with wrong bytes, a 5xx of the
 gateway's own making, RSS at the end above 1.1 x after warm-up, fds not back to their baseline
-after the quiet period (or a stream or shared fetch still counted in flight), the gateway gone.
+after the quiet period, more asyncio tasks than at the start (or a stream or shared fetch still
+counted in flight), the gateway gone.
 ``--strict`` adds: a transfer the gateway cut while an upstream was healthy.
 """
 
@@ -33,6 +34,7 @@ from tests.e2e.clients import Containerd, Skopeo, start_containerd, write_hosts_
 RESULTS = ROOT / "bench" / "results"
 RSS_GROWTH = 1.1
 FD_SLACK = 2  # fds beyond the baseline tolerated at the end (a log handle reopened, say)
+TASKS = "registry_gateway_asyncio_tasks"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +86,8 @@ def invariants(fig: dict[str, Any], strict: bool) -> list[str]:
     start, end = fig["process"]["start"], fig["process"]["end"]
     if end["other_fds"] > start["other_fds"] + FD_SLACK or end["client_sockets"] > start["client_sockets"]:
         failed.append(f"fds not back to the baseline: {start} at the start, {end} at the end")
+    if fig["gauges_end"][TASKS] > fig["gauges_start"][TASKS]:
+        failed.append(f"asyncio tasks {fig['gauges_start'][TASKS]:.0f} at the start, {fig['gauges_end'][TASKS]:.0f} at the end")
     if any(value for name, value in fig["gauges_end"].items() if name.endswith("in_flight")):
         failed.append(f"still in flight at the end: {fig['gauges_end']}")
     if not fig["gateway_alive"]:
@@ -182,6 +186,7 @@ def summary(fig: dict[str, Any]) -> str:
             f"{end['fds']} ({end['other_fds']}, {end['client_sockets']}, {end['upstream_sockets']})",
         ),
         ("threads start / end", f"{start['threads']} / {end['threads']}"),
+        ("asyncio tasks start / end", f"{fig['gauges_start'][TASKS]:.0f} / {fig['gauges_end'][TASKS]:.0f}"),
         (
             "streams / shared fetches in flight at the end",
             f"{fig['gauges_end']['registry_gateway_streams_in_flight']:.0f} / "

@@ -1,10 +1,9 @@
 """The gateway's process tree, watched from /proc and /metrics: RSS, open fds, threads, gauges.
 
-The gateway exposes no count of its asyncio tasks (and the soak does not change the gateway to
-add one), so the leak signals are what can be read from outside: open fds and threads of every
-process of the tree (/proc/<pid>/fd, /proc/<pid>/status), and the gauges
-``registry_gateway_streams_in_flight`` and ``registry_gateway_shared_fetches_in_flight`` (each
-stream and each shared fetch is a task; a leaked one would keep its gauge up).
+The leak signals: open fds and threads of every process of the tree (/proc/<pid>/fd,
+/proc/<pid>/status), the gateway's count of its asyncio tasks (``registry_gateway_asyncio_tasks``,
+counted at the scrape), and the gauges ``registry_gateway_streams_in_flight`` and
+``registry_gateway_shared_fetches_in_flight``.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import httpx
 from bench import procs
 
 GAUGES = (
+    "registry_gateway_asyncio_tasks",
     "registry_gateway_streams_in_flight",
     "registry_gateway_shared_fetches_in_flight",
     "registry_gateway_shared_window_bytes",

@@ -13,6 +13,7 @@ last answer any worker saw is the upstream's current word.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from prometheus_client import (
@@ -178,6 +179,12 @@ SHARED_WINDOW_BUDGET = Gauge(
     "container's memory limit unless GATEWAY_SHARED_MEMORY_BYTES is set.",
     multiprocess_mode="livesum",
 )
+ASYNCIO_TASKS = Gauge(
+    "registry_gateway_asyncio_tasks",
+    "asyncio tasks alive in the gateway's event loops (each worker's, summed). Every request and every shared "
+    "fetch runs in tasks: a count that stays up after the load went is a leak.",
+    multiprocess_mode="livesum",
+)
 BLOB_BODY_BYTES = Counter(
     "registry_gateway_blob_body_bytes",
     "Blob body bytes by side: read from upstreams (upstream) and sent to clients (client), by route; "
@@ -234,6 +241,19 @@ def blob_bytes(route: str, side: str, count: int) -> None:
 
 def manifest_stale(route: str, reason: str) -> None:
     MANIFEST_STALE.labels(route, reason).inc()
+
+
+def count_tasks() -> None:
+    """Set this worker's task gauge to the tasks of its running loop, now."""
+    ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
+
+
+async def sample_tasks(every: float) -> None:
+    """Keep this worker's task count fresh: with several workers, the one answering /metrics cannot
+    count the others' tasks, so each sets its own (multiprocess mode sums them)."""
+    while True:
+        count_tasks()
+        await asyncio.sleep(every)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -56,6 +56,7 @@ MUST_HAVE_DATA = {
     "Window memory vs budget",
     "Process RSS",
     "Process CPU",
+    "asyncio tasks",
 }
 
 

@@ -494,6 +494,19 @@ async def test_metrics_count_requests_bytes_tokens_and_redirects(client, fake):
     assert sample(after, "registry_gateway_streams_in_flight", route="docker.io") == 0
 
 
+async def test_metrics_count_the_asyncio_tasks_at_the_scrape(client, fake):
+    blockers = [asyncio.ensure_future(asyncio.sleep(60)) for _ in range(5)]
+    try:
+        during = sample((await client.get("/metrics")).text, "registry_gateway_asyncio_tasks")
+    finally:
+        for task in blockers:
+            task.cancel()
+        await asyncio.gather(*blockers, return_exceptions=True)
+    after = sample((await client.get("/metrics")).text, "registry_gateway_asyncio_tasks")
+    assert after >= 1  # the test's own task, at least
+    assert during - after == 5
+
+
 async def test_metrics_count_upstream_errors_by_reason(client, fake):
     def refuse(request):
         raise httpx.ConnectError("refused", request=request)
