@@ -140,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="W,W",
         help="the workers scenario: a fresh gateway with each of these worker counts (one process tree), herds of "
         "--workers-clients pull the big blob at once over the herd's link; upstream GETs, time, peak RSS of the "
-        "tree (default 1,2; --quick: skipped; 0 skips it)",
+        "tree (default: 1,2 with --only workers, else skipped; about 5 minutes)",
     )
     p.add_argument(
         "--workers-clients",
@@ -231,7 +231,12 @@ def options_from(args: argparse.Namespace) -> Options:
         herd_spread=max(0.0, pick(args.herd_spread, 10.0, 1.25)),
         herd_spread_paths=args.herd_spread_paths,
         herd_client_nice=args.herd_client_nice,
-        workers_compare=pick(args.workers_compare, (1, 2), ()),
+        # about 5 minutes: only when asked for (--only workers, or the worker counts)
+        workers_compare=args.workers_compare
+        if args.workers_compare is not None
+        else (1, 2)
+        if "workers" in args.only
+        else (),
         workers_clients=args.workers_clients,
         workers_limit_mib=args.workers_limit_mib,
         only=args.only,

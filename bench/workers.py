@@ -11,6 +11,7 @@ itself under the pod's memory limit (``gateway.sizing``: the limit shared by the
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from bench import clients, procs
@@ -110,7 +111,10 @@ def workers_run(
         peaks = sampler.stop()
     link.wait_idle(10)
     failures = run.failures(session.big_digest)
-    shares = blob_shares(gateway, session.big_digest)
+    # The gateway logs a request's access line just after its answer: wait for all of them.
+    deadline = time.monotonic() + 10
+    while sum((shares := blob_shares(gateway, session.big_digest))["per_pid"]) < size and time.monotonic() < deadline:
+        time.sleep(0.05)
     detail = {
         "workers": workers,
         "clients": size,
