@@ -118,8 +118,8 @@ def test_the_budget_is_sized_from_the_limit_and_an_explicit_one_that_cannot_fit_
 LAYERS = 3
 LAYER = 300 * MIB
 CLIENTS = 8
-# curl --limit-rate: 20 s a layer, far behind the others. 3 of them hold up to a window of each
-# layer at once (3 x 128 MiB, past the budget): the memory cap has to act.
+# curl --limit-rate: about 19 s a layer, far behind the others. 3 of them can hold up to a window of
+# each layer at once (3 x 128 MiB, past the budget), so the memory cap may have to act.
 SLOW = ("node-4", "node-5", "node-6")
 SLOW_RATE = "16M"
 GONE = "node-7"  # killed once each of its 3 pulls has this much
