@@ -4,7 +4,7 @@ Starts the test bed (distribution registry with token auth, 307 to an nginx CDN)
 follows the redirect itself, and the gateway; measures blob throughput (1 and N streams), server CPU per GiB,
 the gateway's peak RSS, manifest requests per second and latency (wrk), upstream token requests, time to first
 byte and correctness (sha256), and scenarios (resumes, a rollout's pulls, a herd of clients pulling one blob over
-a capped link); writes bench/results/<timestamp>.json and prints a table. See docs/performance.md.
+a capped link, 1 worker against 2); writes bench/results/<timestamp>.json and prints a table. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from bench.provenance import git_info, machine_info
 from bench.report import PATHS, Figure, markdown_table, table
 from bench.run import Run
 from bench.servers import ROOT
+from bench.workers import print_workers
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -134,6 +135,28 @@ def parser() -> argparse.ArgumentParser:
         help="niceness of the herd's clients (curl | openssl), so they yield the cores to the servers (default 10)",
     )
     p.add_argument(
+        "--workers-compare",
+        type=_int_list,
+        metavar="W,W",
+        help="the workers scenario: a fresh gateway with each of these worker counts (one process tree), herds of "
+        "--workers-clients pull the big blob at once over the herd's link; upstream GETs, time, peak RSS of the "
+        "tree (default: 1,2 with --only workers, else skipped; about 5 minutes)",
+    )
+    p.add_argument(
+        "--workers-clients",
+        type=_int_list,
+        default=(8, 16),
+        metavar="N,N",
+        help="the workers scenario's herd sizes (default 8,16)",
+    )
+    p.add_argument(
+        "--workers-limit-mib",
+        type=int,
+        default=512,
+        help="the workers scenario sizes each gateway's windows as under this pod memory limit (default 512, "
+        "the shipped pod's)",
+    )
+    p.add_argument(
         "--only",
         type=_names(MEASUREMENTS),
         default=(),
@@ -208,6 +231,14 @@ def options_from(args: argparse.Namespace) -> Options:
         herd_spread=max(0.0, pick(args.herd_spread, 10.0, 1.25)),
         herd_spread_paths=args.herd_spread_paths,
         herd_client_nice=args.herd_client_nice,
+        # about 5 minutes: only when asked for (--only workers, or the worker counts)
+        workers_compare=args.workers_compare
+        if args.workers_compare is not None
+        else (1, 2)
+        if "workers" in args.only
+        else (),
+        workers_clients=args.workers_clients,
+        workers_limit_mib=args.workers_limit_mib,
         only=args.only,
     )
 
@@ -254,6 +285,7 @@ def print_summary(result: dict[str, Any], keys: list[str] | None = None, *, mark
             f"{', '.join(str(r['heads']) for r in rollout['runs'])} HEADs (target: at most 2 GETs per tag)"
         )
     print_herd(details.get("herd_scenario"))
+    print_workers(details.get("workers_scenario"))
     print_lone(details.get("lone"))
     checks = result.get("checks", {})
     sha = ", ".join(f"{path} {'ok' if check.get('ok') else 'FAILED'}" for path, check in checks.items())

@@ -35,9 +35,26 @@ class Options:
     herd_spread: float = 0.0
     herd_spread_paths: tuple[str, ...] = ("gateway",)
     herd_client_nice: int = 10
+    #: the workers scenario: a gateway with each of these worker counts (empty: skipped), herds of these sizes,
+    #: the windows' budget sized for a pod memory limit of this many MiB
+    workers_compare: tuple[int, ...] = ()
+    workers_clients: tuple[int, ...] = (8, 16)
+    workers_limit_mib: int = 512
     #: run only these measurements (empty: all of them; see MEASUREMENTS)
     only: tuple[str, ...] = ()
 
 
 #: what ``--only`` may name, in the order a run measures them
-MEASUREMENTS = ("tokens", "verify", "ttfb", "single", "aggregate", "manifests", "lone", "resume", "rollout", "herd")
+MEASUREMENTS = (
+    "tokens",
+    "verify",
+    "ttfb",
+    "single",
+    "aggregate",
+    "manifests",
+    "lone",
+    "resume",
+    "rollout",
+    "herd",
+    "workers",
+)

@@ -1,7 +1,7 @@
 """One benchmark run: start the test bed, nginx and the gateway, call the measurements in order, collect figures.
 
 The measurements live by job: ``streams`` (correctness, time to first byte, 1 and N streams), ``manifests``
-(token requests, manifest load and latency), ``resumes``, ``rollout`` and ``herd`` (the scenarios);
+(token requests, manifest load and latency), ``resumes``, ``rollout``, ``herd`` and ``workers`` (the scenarios);
 ``session`` holds what they share.
 """
 
@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench import herd, lone, manifests, procs, resumes, rollout, streams
+from bench import herd, lone, manifests, procs, resumes, rollout, streams, workers
 from bench.clients import ClientAuth, Target
 from bench.options import MEASUREMENTS
 from bench.servers import Gateway, NginxProxy, ServerError, tail
@@ -55,6 +55,7 @@ class Run(Session):
                 "resume": lambda: resumes.measure_resumes(self, tb),
                 "rollout": lambda: rollout.measure_rollout(self, tb),
                 "herd": lambda: herd.measure_herd(self, tb),
+                "workers": lambda: workers.measure_workers(self, tb),
             }
             for name in MEASUREMENTS:
                 if not o.only or name in o.only:

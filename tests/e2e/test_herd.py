@@ -98,7 +98,11 @@ def layer_512(testbed: Testbed) -> Blob:
 
 def push_blob(testbed: Testbed, size: int, upstream: str = "ghcr", repos: tuple[str, ...] = (PUBLIC, PRIVATE)) -> Blob:
     """A random blob pushed (no manifest needed): by default to ghcr's ``org/herd`` and ``private/herd``."""
-    data = os.urandom(size)
+    return push_bytes(testbed, os.urandom(size), upstream, repos)
+
+
+def push_bytes(testbed: Testbed, data: bytes, upstream: str, repos: tuple[str, ...]) -> Blob:
+    """``data`` pushed as a blob to each of ``repos`` on ``upstream``."""
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     base = testbed.upstream(upstream).registry_url
     for repo in repos:
