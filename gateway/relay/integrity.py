@@ -49,6 +49,7 @@ def _reopener(
                 avoid=ex.api.reference,
                 content_addressed=True,
                 exclude=breaks.excluded(client.sources),
+                last_resort=True,
             )
         later.append(opened.response)
         ex.record.upstream = opened.upstream.url

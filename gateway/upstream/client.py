@@ -151,6 +151,7 @@ class UpstreamClient:
         avoid: str | None = None,
         content_addressed: bool = False,
         exclude: frozenset[str] = frozenset(),
+        last_resort: bool = False,
     ) -> Opened:
         """Send a request to ``path`` on the first upstream that answers; the caller closes ``.response``.
 
@@ -160,9 +161,13 @@ class UpstreamClient:
         ``content_addressed`` (a blob, a manifest by digest): the route's mirrors are asked
         first, and any of their answers but a success passes on to the next one.
         ``exclude`` (upstream and mirror URLs) are not asked at all: the sources a broken blob
-        body is passed over on (``blobs/resume.Breaks``).
+        body is passed over on (``blobs/resume.Breaks``). ``last_resort`` (the rest of a body the
+        client is part-way through): when every upstream left rests in its breaker, they are asked
+        anyway, since the transfer ends otherwise; a resting breaker says an upstream failed lately,
+        not that it fails now (found by the soak: a mirror avoided, A passed over, B resting: cut).
         """
-        upstreams = [u for u in self.route.upstreams if self.breaker.available(u.url) and u.url not in exclude]
+        candidates = [u for u in self.route.upstreams if u.url not in exclude]
+        upstreams = [u for u in candidates if self.breaker.available(u.url)] or (candidates if last_resort else [])
         if avoid is not None and len(upstreams) > 1:
             upstreams = [u for u in upstreams if not self._avoiding(u, avoid)] or upstreams
         if content_addressed and self.route.mirrors:

@@ -273,6 +273,44 @@ def test_a_body_that_keeps_breaking_moves_on_to_the_next_upstream(
     assert ranges(other, digest)[-1] == (None, 200, None, size)
 
 
+def test_a_resume_asks_an_upstream_whose_breaker_rests_rather_than_cut_the_client(
+    testbed: Testbed,
+    fronts: MakeFront,
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    layer: tuple[Image, str, int],
+) -> None:
+    """A breaks every body; B failed twice lately, so its breaker rests. Before, the resume found no
+    upstream to ask and cut the client (the soak found it); now B is asked as a last resort."""
+    image, digest, size = layer
+    quarter = size // 4
+    real = blob_bytes(testbed, "ghcr", image, digest)
+    way = direct_path(testbed, fronts)
+    other = fronts(testbed.ghcr.registry_url)
+    gw = start_gateway(way.route, [way.front.url, other.url], env={"GATEWAY_BREAKER_FAILURES": "2"})
+    for probe, both_fail in (("probe-1", True), ("probe-2", False), ("probe-3", True)):
+        if both_fail:  # A fails (once, then succeeds in between: its count starts again), B fails each time
+            way.front.fault(probe, "status", status=503)
+            other.fault(probe, "status", status=503)
+        answer = httpx.get(f"{gw.url}/v2/{image.repo}/manifests/{probe}", timeout=30)
+        assert answer.status_code == (503 if both_fail else 404)
+    status = httpx.get(f"{gw.url}/status", headers={"accept": "application/json"}, timeout=30).json()
+    breakers = {u["url"]: u["breaker"] for r in status["routes"] for u in r["upstreams"]}
+    assert breakers[other.url] == "open" and breakers[way.front.url] == "closed", breakers
+    way.front.fault(digest, "reset", at=quarter, times=None)
+
+    code, body = curl(f"{gw.url}/v2/{image.repo}/blobs/{digest}", tmp_path / "blob")
+    assert code == 0
+    assert body == real
+    assert [r[:3] for r in ranges(way.front, digest)] == [
+        (None, 200, "reset"),
+        (f"bytes={quarter}-{size - 1}", 206, "reset"),
+    ]
+    assert ranges(other, digest) == [(f"bytes={2 * quarter}-{size - 1}", 206, None, size - 2 * quarter)]
+    [line] = blob_gets(gw, digest)
+    assert (line["status"], line["bytes"], line["resumes"], line["verified"]) == (200, size, 2, "ok")
+
+
 def test_every_upstream_breaking_aborts_the_client_only_then(
     testbed: Testbed,
     fronts: MakeFront,
