@@ -47,10 +47,11 @@ class Reader:
         """This reader's bytes: from the window while it keeps up, then from ``own(resume)``.
 
         Ends cleanly only at ``self.end``; raises (``DigestMismatch``, ``FetchBroken``)
-        when the shared body failed and the reader cannot go on alone. A reader whose fetch
+        when the shared body failed and the reader cannot go on alone (a mismatch found before
+        the reader had a byte sends it on alone: ``Resume.reason`` ``"mismatch"``). A reader whose fetch
         merged into an older one (``merge.py``) reads on from that one: ``self.fetch``.
         """
-        self.started = True
+        self.started, sent = True, False
         try:
             while True:
                 fetch = self.fetch
@@ -63,14 +64,21 @@ class Reader:
                     piece = fetch.bytes.piece(position, self.end)
                     self.position += len(piece)
                     fetch.pace.nudge(fetch.produced - self.position, fetch.board.window_now)
+                    sent = True
                     yield piece
                     continue
                 if fetch.merged:
                     tail.hop(fetch, self)  # the end of a merged fetch's tail: on in the older fetch
                     continue
                 if fetch.error is not None:
-                    if fetch.detach_on_break and not isinstance(fetch.error, DigestMismatch):
+                    mismatch = isinstance(fetch.error, DigestMismatch)
+                    if fetch.detach_on_break and not mismatch:
                         fetch.detach(self, "upstream_broke")
+                        break
+                    if mismatch and not sent:
+                        # Wrong bytes, of which this client has had none (a small blob is held
+                        # whole until checked): it asks the next source itself, instead of a cut.
+                        fetch.detach(self, "mismatch")
                         break
                     if isinstance(fetch.error, DigestMismatch):
                         raise DigestMismatch(fetch.error.expected, fetch.error.actual)

@@ -84,7 +84,7 @@ class BlobRelay:
             if not ex.head:
                 body = integrity.resumable_body(ex, client, resp, body, self._resumes, self._same)
                 if resp.status_code == 200:
-                    body, verdict = integrity.checked_body(ex, body)
+                    body, verdict = integrity.checked_or_asked_again(ex, client, resp, body, self._resumes, self._same)
             await send_stream(ex, resp.status_code, headers, body, verdict=verdict, client=client)
 
     async def _shared_range(self, ex: Exchange, board: herd.Board, query: str, value: str) -> None:
@@ -172,7 +172,10 @@ class BlobRelay:
             done.resumes = producer.record.resumes or 0
             if isinstance(done.error, DigestMismatch):
                 integrity.mismatched(
-                    producer, client, done.error.actual, "a shared blob's bytes did not match its digest; aborted"
+                    producer,
+                    client,
+                    done.error.actual,
+                    "a shared blob's bytes did not match its digest: readers that had some cut, the others ask again",
                 )
 
         reader = fetch.start(
@@ -213,6 +216,8 @@ class BlobRelay:
                 "reason": resume.reason,
             }
             logger.info("a reader left a shared fetch; going on alone", extra={"fields": fields})
+            if resume.reason == "mismatch":
+                _moved_on_from_a_mismatch(ex, client, producer)
             segment = Segment(resume.position, reader.end - 1, fetch.total)
             body = integrity.rest_of(ex, client, segment, self._resumes, self._same)
             if algorithm is not None and resume.hasher is not None:
@@ -243,6 +248,16 @@ class BlobRelay:
                 return
         if verdict is not None:
             integrity.judge(ex, client, verdict)
+
+
+def _moved_on_from_a_mismatch(ex: Exchange, client: UpstreamClient, producer: Exchange | None) -> None:
+    """A reader of a shared fetch whose bytes did not match, sent none of them, asks on its own: the
+    source that sent them is left out for this blob (the fetch's end may not have said so yet), and
+    the mismatch counts for this client's transfer as a cut one would."""
+    upstream = producer.record.upstream if producer is not None else None
+    if producer is not None and producer.upstream is not None:
+        client.avoid(producer.upstream, ex.api.reference)
+    metrics.DIGEST_MISMATCHES.labels(ex.route_name, upstream or "-").inc()
 
 
 def _shareable(ex: Exchange) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from gateway.blobs.digest import Verdict, algorithm_of, verified
+from gateway.blobs.digest import DigestMismatch, Verdict, algorithm_of, verified
 from gateway.blobs.resume import Breaks, NotTheRest, Segment, continues, resumable, segment_of
 from gateway.http.errors import UNAVAILABLE, RegistryError
 from gateway.observe import metrics
@@ -188,6 +188,39 @@ def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterato
         return body, None
     verdict = Verdict()
     return verified(body, ex.api.reference, algorithm, verdict), verdict
+
+
+def checked_or_asked_again(
+    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int, same: int
+) -> tuple[AsyncIterator[bytes], Verdict | None]:
+    """A whole blob body checked as it streams (``checked_body``); when its bytes do not match
+    before the client had any of them (a blob held whole until checked), the next source is asked
+    for all of it instead of cutting the client, and that body is checked in turn."""
+    checked, verdict = checked_body(ex, body)
+    segment = segment_of(resp.status_code, resp.headers)
+    algorithm = algorithm_of(ex.api.reference)
+    if verdict is None or segment is None or algorithm is None:
+        return checked, verdict
+
+    async def moved_on(segment: Segment, algorithm: str, verdict: Verdict) -> AsyncIterator[bytes]:
+        sent = False
+        try:
+            async for chunk in checked:
+                sent = True
+                yield chunk
+            return
+        except DigestMismatch as exc:
+            if sent:
+                raise
+            mismatched(
+                ex, client, exc.actual, "a blob's bytes did not match its digest before any was sent; asking again"
+            )
+            metrics.DIGEST_MISMATCHES.labels(ex.route_name, ex.record.upstream or "-").inc()
+        again = rest_of(ex, client, segment, max_resumes, same)
+        async for chunk in verified(again, ex.api.reference, algorithm, verdict):
+            yield chunk
+
+    return moved_on(segment, algorithm, verdict), verdict
 
 
 def judge(ex: Exchange, client: UpstreamClient, verdict: Verdict) -> None:

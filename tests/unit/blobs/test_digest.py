@@ -109,13 +109,69 @@ def mirror_first(**extra: object) -> list[dict[str, object]]:
     return [{"name": "docker.io", "upstream": [MIRROR, REGISTRY], "default": True, "library": True, **extra}]
 
 
-async def test_a_mismatch_aborts_the_client_and_the_retry_goes_to_the_next_upstream(fake):
+def sample(metrics: bytes, series: str) -> float:
+    for line in metrics.decode().splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class Chunked(httpx.AsyncByteStream):
+    """A body in chunks as a socket gives them: the relay sends the first before the last came."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+            await asyncio.sleep(0)
+
+
+def flipping_mirror_in_chunks(fake: FakeRegistry) -> None:
+    """mirror.test serves the blob in 64 KiB chunks, a byte of the last one flipped."""
+
+    def override(request: httpx.Request) -> httpx.Response | None:
+        if request.url.host == "mirror.test" and "/blobs/" in request.url.path:
+            wrong = BLOB[:-100] + bytes([BLOB[-100] ^ 0xFF]) + BLOB[-99:]
+            chunks = [wrong[i : i + 65536] for i in range(0, len(wrong), 65536)]
+            return httpx.Response(200, headers={"content-length": str(len(wrong))}, stream=Chunked(chunks))
+        return None
+
+    fake.override = override
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+async def test_a_mismatch_before_any_byte_was_sent_is_asked_of_the_next_upstream(fake, sharing):
+    # The blob comes in one piece: held whole until checked, so the client has none of the wrong bytes.
     flipping_mirror(fake)
-    app = in_process_app(fake, mirror_first())
+    app = in_process_app(
+        fake, mirror_first(), Settings(manifest_cache_bytes=0, shared_window_bytes=(128 << 20) if sharing else 0)
+    )
+    _, before, _ = await asgi_get(app, "/metrics")
+    status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
+    assert (status, complete) == (200, True)
+    assert body == BLOB  # the registry's, asked for all of it
+    blob_requests = [(r.url.host, r.headers.get("range")) for r in fake.requests if "/blobs/" in r.url.path]
+    assert ("mirror.test", None) in blob_requests
+    assert blob_requests[-1][1] == f"bytes=0-{len(BLOB) - 1}"
+    _, metrics, _ = await asgi_get(app, "/metrics")
+    mismatches = 'registry_gateway_digest_mismatch_total{route="docker.io",upstream="https://mirror.test"}'
+    checks = 'registry_gateway_blob_checks_total{result="ok",route="docker.io"}'
+    assert sample(metrics, mismatches) - sample(before, mismatches) == 1
+    assert sample(metrics, checks) - sample(before, checks) == 1
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+async def test_a_mismatch_after_bytes_were_sent_aborts_and_the_retry_goes_to_the_next_upstream(fake, sharing):
+    flipping_mirror_in_chunks(fake)
+    app = in_process_app(
+        fake, mirror_first(), Settings(manifest_cache_bytes=0, shared_window_bytes=(128 << 20) if sharing else 0)
+    )
     status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
     assert status == 200
     assert not complete  # aborted: never a clean end of wrong bytes
-    assert len(body) < len(BLOB)
+    assert 0 < len(body) < len(BLOB)
     status, body, complete = await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
     assert (status, complete) == (200, True)
     assert body == BLOB  # the registry, not the mirror that served it wrong
@@ -124,7 +180,7 @@ async def test_a_mismatch_aborts_the_client_and_the_retry_goes_to_the_next_upstr
 
 
 async def test_a_mismatch_is_counted_and_logged(fake, caplog):
-    flipping_mirror(fake)
+    flipping_mirror_in_chunks(fake)
     app = in_process_app(fake, mirror_first())
     with caplog.at_level("WARNING", logger="gateway.integrity"):
         await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
