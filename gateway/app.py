@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import sizing
+from gateway import allocator, sizing
 from gateway.auth.authorizer import authorizer_for
 from gateway.auth.grants import Grants
 from gateway.auth.tokens import TokenCache
@@ -111,6 +111,8 @@ def worker_app() -> ASGIApp:
     """
     settings = Settings()
     configure_logging(settings.log_level)
+    # Per worker: malloc's thresholds are the process's own (``allocator.py``).
+    allocator.keep_freed_memory()
     return create_app(settings)
 
 

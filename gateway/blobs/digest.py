@@ -10,8 +10,8 @@ does), so a client never sees a clean end of wrong bytes, and its retry can go e
 Hashing must not stall the event loop: hashlib releases the GIL for buffers over 2 KiB,
 so batches of about ``HASH_BATCH`` bytes are hashed by a small thread pool, one batch in
 flight per stream (a hash is sequential), pipelined with the relay; each chunk of a batch is
-hashed where it lies, small ones joined first. When the hashing falls
-``MAX_HASH_LAG`` behind, the relay waits for it: memory stays bounded per stream.
+hashed where it lies, small ones joined first. When the hashing falls a batch behind, the
+relay waits for it: memory stays bounded per stream, and smaller while many streams hash.
 
 Algorithms: sha256 and sha512 (the registered ones); a digest of another algorithm is
 relayed unverified, and said so (``algorithm_of`` returns None).
@@ -22,16 +22,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 # A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches; while one is hashed the
-# next fills, up to MAX_HASH_LAG, then the relay waits for the hash. So a stream holds at most
-# 2 MiB not yet hashed (512 KiB more than with 512 KiB batches; a lag of 2 MiB saved a little
-# more CPU but 16 checked streams then peaked 27 MiB higher). Measured in docs/performance.md.
-# Chunks of IN_PLACE or more are hashed where they lie.
+# next fills, up to the batch again, then the relay waits for the hash. So a stream holds at most
+# two batches not yet hashed. While CROWD or more streams hash at once, their batches are
+# CROWDED_BATCH: 16 checked streams then peak about 15 MiB lower (under 100 MiB), for about
+# 0.1 CPU s/GiB more hand-overs, while a lone pull keeps the cheaper batch. Measured in
+# docs/performance.md. Chunks of IN_PLACE or more are hashed where they lie.
 HASH_BATCH = 1 << 20
-MAX_HASH_LAG = 1 << 20
+CROWDED_BATCH = 512 << 10
+CROWD = 4
 IN_PLACE = 64 << 10
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
@@ -49,6 +52,16 @@ def algorithm_of(digest: str) -> str | None:
     """The hashlib name for a digest's algorithm, or None when the gateway cannot verify it."""
     algorithm, sep, _ = digest.partition(":")
     return _ALGORITHMS.get(algorithm) if sep else None
+
+
+# The hashers of this process with bytes fed and no digest yet: how many streams hash at once
+# (weak: a hasher dropped without ``aclose``, a detached reader's that never ran, counts no longer).
+_hashing: weakref.WeakSet[StreamHasher] = weakref.WeakSet()
+
+
+def batch_bytes(streams: int) -> int:
+    """The batch handed to the pool while ``streams`` streams hash at once."""
+    return HASH_BATCH if streams < CROWD else CROWDED_BATCH
 
 
 @functools.cache
@@ -103,14 +116,14 @@ class StreamHasher:
         return self._algorithm
 
     async def feed(self, chunk: bytes) -> None:
+        if not self._pending:
+            _hashing.add(self)
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
-        if self._pending_bytes < HASH_BATCH:
+        if self._pending_bytes < batch_bytes(len(_hashing)):
             return
         if self._job is not None and not self._job.done():
-            if self._pending_bytes < MAX_HASH_LAG:
-                return  # the pool is busy with the last batch: this one grows meanwhile
-            await self._job
+            await self._job  # the pool is busy with the last batch: the relay waits for the hash
         self._submit()
 
     def collect(self) -> None:
@@ -147,10 +160,12 @@ class StreamHasher:
             assert self._job is not None
             await self._job
         self.collect()
+        _hashing.discard(self)
         return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
     async def aclose(self) -> None:
         """Let a batch in flight finish (its thread holds the hasher), so nothing is left running."""
+        _hashing.discard(self)
         if self._job is not None and not self._job.done():
             await asyncio.shield(self._job)
 

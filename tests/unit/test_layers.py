@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gateway"
 # Bottom up. A module may import its own layer and every layer before it in this list.
 # ``settings`` sits above ``routing`` (it reads the budget rules) and below ``net``.
 ORDER = ["http", "observe", "routing", "settings", "net", "auth", "upstream", "blobs", "relay", "root"]
-ROOT_MODULES = {"app", "check", "__main__", "sizing"}
+ROOT_MODULES = {"allocator", "app", "check", "__main__", "sizing"}
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 300
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from gateway.blobs import digest as digest_module
 from gateway.blobs.digest import HASH_BATCH, DigestMismatch, StreamHasher, Verdict, algorithm_of, verified
 from gateway.settings import Settings
 from tests.unit.conftest import asgi_get, in_process_app
@@ -52,6 +53,26 @@ def test_the_running_hash_is_the_hash_of_everything_fed(sizes, algorithm):
         return await hasher.hexdigest()
 
     assert asyncio.run(run()) == f"{algorithm}:{hashlib.new(algorithm, b''.join(data)).hexdigest()}"
+
+
+async def test_batches_shrink_while_many_streams_hash_and_grow_back_after():
+    # Memory per checked stream is two batches: with many streams at once, smaller ones (#22: 16
+    # checked streams under 100 MiB); a lone stream keeps the batch that costs fewer hand-overs.
+    kib = b"x" * 1024
+    crowd = [StreamHasher("sha256") for _ in range(digest_module.CROWD)]
+    for hasher in crowd:
+        await hasher.feed(kib)
+    assert digest_module.batch_bytes(len(digest_module._hashing)) == digest_module.CROWDED_BATCH
+    jobs = []
+    for _ in range(digest_module.CROWDED_BATCH // len(kib)):
+        await crowd[0].feed(kib)
+        jobs.append(crowd[0]._job is not None)
+    assert jobs.index(True) == digest_module.CROWDED_BATCH // len(kib) - 2  # handed over at 512 KiB
+    for hasher in crowd[1:]:
+        await hasher.hexdigest()
+    await crowd[0].aclose()
+    assert len(digest_module._hashing) == 0
+    assert digest_module.batch_bytes(1) == HASH_BATCH
 
 
 async def test_the_last_chunk_waits_for_the_digest():
