@@ -87,7 +87,8 @@ def invariants(fig: dict[str, Any], strict: bool) -> list[str]:
     if end["other_fds"] > start["other_fds"] + FD_SLACK or end["client_sockets"] > start["client_sockets"]:
         failed.append(f"fds not back to the baseline: {start} at the start, {end} at the end")
     if fig["gauges_end"][TASKS] > fig["gauges_start"][TASKS]:
-        failed.append(f"asyncio tasks {fig['gauges_start'][TASKS]:.0f} at the start, {fig['gauges_end'][TASKS]:.0f} at the end")
+        tasks = fig["gauges_start"][TASKS], fig["gauges_end"][TASKS]
+        failed.append(f"asyncio tasks {tasks[0]:.0f} at the start, {tasks[1]:.0f} at the end")
     if any(value for name, value in fig["gauges_end"].items() if name.endswith("in_flight")):
         failed.append(f"still in flight at the end: {fig['gauges_end']}")
     if not fig["gateway_alive"]:
