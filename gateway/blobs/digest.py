@@ -36,6 +36,11 @@ HASH_BATCH = 1 << 20
 CROWDED_BATCH = 512 << 10
 CROWD = 4
 IN_PLACE = 64 << 10
+# A checked blob of at most this many bytes (configs, small layers) reaches no client before its
+# digest matched: none of a wrong copy's bytes go out, so the next source can be asked for it
+# instead of cutting the client (``relay/integrity.py``). Otherwise whether the first bytes went
+# out would depend on how the socket's reads split the body. At most this much held per stream.
+HELD_WHOLE = 1 << 20
 _ALGORITHMS = {"sha256": "sha256", "sha512": "sha512"}
 
 
@@ -185,22 +190,25 @@ async def verified(
     algorithm: str,
     verdict: Verdict | None = None,
     hasher: StreamHasher | None = None,
+    *,
+    whole: bool = False,
 ) -> AsyncIterator[bytes]:
-    """``chunks`` as they come, but the last one only once they all hash to ``digest``.
+    """``chunks`` as they come, but the last one (all of them, ``whole``: a blob of at most
+    ``HELD_WHOLE`` bytes) only once they all hash to ``digest``.
 
-    Raises DigestMismatch instead of yielding the last chunk when they do not; ``verdict``
+    Raises DigestMismatch instead of yielding the held chunks when they do not; ``verdict``
     records the digest they hashed to. ``hasher`` continues a hash of the bytes before these.
     """
     hasher = hasher if hasher is not None else StreamHasher(algorithm)
-    held: bytes | None = None
+    held: list[bytes] = []
     try:
         async for chunk in chunks:
             if not chunk:
                 continue
             await hasher.feed(chunk)
-            if held is not None:
-                yield held
-            held = chunk
+            if held and not whole:
+                yield held.pop()
+            held.append(chunk)
         actual = await hasher.hexdigest()
     finally:
         await hasher.aclose()
@@ -208,5 +216,5 @@ async def verified(
         verdict.actual = actual
     if actual != digest:
         raise DigestMismatch(digest, actual)
-    if held is not None:
-        yield held
+    for chunk in held:
+        yield chunk

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.blobs import pace, tail
-from gateway.blobs.digest import DigestMismatch, StreamHasher
+from gateway.blobs.digest import HELD_WHOLE, DigestMismatch, StreamHasher
 from gateway.blobs.hold import Gathering, Linger, hold, keep_from, linger_left
 from gateway.blobs.merge import Lineage
 from gateway.blobs.produce import Producer
@@ -60,7 +60,7 @@ class Reader:
                 position = self.position
                 if position >= self.end:
                     return
-                if position < fetch.produced and position >= fetch.base:
+                if position < fetch.produced and position >= fetch.base and not held_whole(fetch):
                     piece = fetch.bytes.piece(position, self.end)
                     self.position += len(piece)
                     fetch.pace.nudge(fetch.produced - self.position, fetch.board.window_now)
@@ -70,19 +70,18 @@ class Reader:
                 if fetch.merged:
                     tail.hop(fetch, self)  # the end of a merged fetch's tail: on in the older fetch
                     continue
-                if fetch.error is not None:
-                    mismatch = isinstance(fetch.error, DigestMismatch)
-                    if fetch.detach_on_break and not mismatch:
-                        fetch.detach(self, "upstream_broke")
-                        break
-                    if mismatch and not sent:
+                if (error := fetch.error) is not None:
+                    if isinstance(error, DigestMismatch):
+                        if sent:
+                            raise DigestMismatch(error.expected, error.actual)
                         # Wrong bytes, of which this client has had none (a small blob is held
                         # whole until checked): it asks the next source itself, instead of a cut.
                         fetch.detach(self, "mismatch")
                         break
-                    if isinstance(fetch.error, DigestMismatch):
-                        raise DigestMismatch(fetch.error.expected, fetch.error.actual)
-                    raise FetchBroken(f"the shared upstream body broke: {type(fetch.error).__name__}")
+                    if fetch.detach_on_break:
+                        fetch.detach(self, "upstream_broke")
+                        break
+                    raise FetchBroken(f"the shared upstream body broke: {type(error).__name__}")
                 if fetch.done:
                     return  # produced == total: nothing more will come
                 await fetch._more.wait()
@@ -414,6 +413,12 @@ class SharedFetch:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and self.error is None and not self.merged
+
+
+def held_whole(fetch: SharedFetch) -> bool:
+    """Whether the fetch's bytes wait for its digest: a checked blob of at most ``HELD_WHOLE``
+    bytes reaches no reader before it matched (``blobs/digest.py``)."""
+    return fetch.marks is not None and fetch.total <= HELD_WHOLE and not fetch.done
 
 
 def spare_the_new(readers: set[Reader], limit: int, window: int) -> int:

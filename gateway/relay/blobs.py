@@ -254,10 +254,10 @@ def _moved_on_from_a_mismatch(ex: Exchange, client: UpstreamClient, producer: Ex
     """A reader of a shared fetch whose bytes did not match, sent none of them, asks on its own: the
     source that sent them is left out for this blob (the fetch's end may not have said so yet), and
     the mismatch counts for this client's transfer as a cut one would."""
-    upstream = producer.record.upstream if producer is not None else None
-    if producer is not None and producer.upstream is not None:
-        client.avoid(producer.upstream, ex.api.reference)
-    metrics.DIGEST_MISMATCHES.labels(ex.route_name, upstream or "-").inc()
+    source = producer.upstream if producer is not None else None
+    if source is not None:
+        client.avoid(source, ex.api.reference)
+    metrics.DIGEST_MISMATCHES.labels(ex.route_name, source.url if source is not None else "-").inc()
 
 
 def _shareable(ex: Exchange) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from gateway.blobs.digest import DigestMismatch, Verdict, algorithm_of, verified
+from gateway.blobs.digest import HELD_WHOLE, DigestMismatch, Verdict, algorithm_of, verified
 from gateway.blobs.resume import Breaks, NotTheRest, Segment, continues, resumable, segment_of
 from gateway.http.errors import UNAVAILABLE, RegistryError
 from gateway.observe import metrics
@@ -181,28 +181,25 @@ def algorithm_for(ex: Exchange) -> str | None:
     return algorithm
 
 
-def checked_body(ex: Exchange, body: AsyncIterator[bytes]) -> tuple[AsyncIterator[bytes], Verdict | None]:
-    """A whole blob body, checked against its digest as it streams (``blobs/digest.py``), when it can be."""
+def checked_or_asked_again(
+    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int, same: int
+) -> tuple[AsyncIterator[bytes], Verdict | None]:
+    """A whole blob body, checked against its digest as it streams (``blobs/digest.py``), when it can
+    be. When its bytes do not match before the client had any of them (a blob held whole until
+    checked), the next source is asked for all of it instead of cutting the client, and that body is
+    checked in turn (a blob of at most ``HELD_WHOLE`` bytes is held whole until checked, so none of
+    its wrong bytes ever go out)."""
     algorithm = algorithm_for(ex)
     if algorithm is None:
         return body, None
     verdict = Verdict()
-    return verified(body, ex.api.reference, algorithm, verdict), verdict
-
-
-def checked_or_asked_again(
-    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int, same: int
-) -> tuple[AsyncIterator[bytes], Verdict | None]:
-    """A whole blob body checked as it streams (``checked_body``); when its bytes do not match
-    before the client had any of them (a blob held whole until checked), the next source is asked
-    for all of it instead of cutting the client, and that body is checked in turn."""
-    checked, verdict = checked_body(ex, body)
     segment = segment_of(resp.status_code, resp.headers)
-    algorithm = algorithm_of(ex.api.reference)
-    if verdict is None or segment is None or algorithm is None:
+    whole = segment is not None and segment.total is not None and segment.total <= HELD_WHOLE
+    checked = verified(body, ex.api.reference, algorithm, verdict, whole=whole)
+    if segment is None:
         return checked, verdict
 
-    async def moved_on(segment: Segment, algorithm: str, verdict: Verdict) -> AsyncIterator[bytes]:
+    async def moved_on(segment: Segment, algorithm: str) -> AsyncIterator[bytes]:
         sent = False
         try:
             async for chunk in checked:
@@ -220,7 +217,7 @@ def checked_or_asked_again(
         async for chunk in verified(again, ex.api.reference, algorithm, verdict):
             yield chunk
 
-    return moved_on(segment, algorithm, verdict), verdict
+    return moved_on(segment, algorithm), verdict
 
 
 def judge(ex: Exchange, client: UpstreamClient, verdict: Verdict) -> None:

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gateway.blobs import digest as digest_module
+from gateway.blobs import digest as digest_module, fetch
 from gateway.blobs.digest import HASH_BATCH, DigestMismatch, StreamHasher, Verdict, algorithm_of, verified
+from gateway.relay import integrity
 from gateway.settings import Settings
 from tests.unit.conftest import asgi_get, in_process_app
 from tests.unit.fake_registry import BLOB, BLOB_DIGEST, REGISTRY, FakeRegistry, response
@@ -149,8 +150,11 @@ class Chunked(httpx.AsyncByteStream):
             await asyncio.sleep(0)
 
 
-def flipping_mirror_in_chunks(fake: FakeRegistry) -> None:
-    """mirror.test serves the blob in 64 KiB chunks, a byte of the last one flipped."""
+def flipping_mirror_in_chunks(fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mirror.test serves the blob in 64 KiB chunks, a byte of the last one flipped. The blob (256 KiB)
+    is under ``HELD_WHOLE``: the threshold goes to 0 here, as for a blob bigger than it."""
+    monkeypatch.setattr(fetch, "HELD_WHOLE", 0)  # where the shared fetch reads it
+    monkeypatch.setattr(integrity, "HELD_WHOLE", 0)  # where a blob relayed alone is checked
 
     def override(request: httpx.Request) -> httpx.Response | None:
         if request.url.host == "mirror.test" and "/blobs/" in request.url.path:
@@ -184,8 +188,10 @@ async def test_a_mismatch_before_any_byte_was_sent_is_asked_of_the_next_upstream
 
 
 @pytest.mark.parametrize("sharing", [True, False])
-async def test_a_mismatch_after_bytes_were_sent_aborts_and_the_retry_goes_to_the_next_upstream(fake, sharing):
-    flipping_mirror_in_chunks(fake)
+async def test_a_mismatch_after_bytes_were_sent_aborts_and_the_retry_goes_to_the_next_upstream(
+    fake, sharing, monkeypatch
+):
+    flipping_mirror_in_chunks(fake, monkeypatch)
     app = in_process_app(
         fake, mirror_first(), Settings(manifest_cache_bytes=0, shared_window_bytes=(128 << 20) if sharing else 0)
     )
@@ -200,8 +206,8 @@ async def test_a_mismatch_after_bytes_were_sent_aborts_and_the_retry_goes_to_the
     assert len(mirror_blobs) == 1
 
 
-async def test_a_mismatch_is_counted_and_logged(fake, caplog):
-    flipping_mirror_in_chunks(fake)
+async def test_a_mismatch_is_counted_and_logged(fake, caplog, monkeypatch):
+    flipping_mirror_in_chunks(fake, monkeypatch)
     app = in_process_app(fake, mirror_first())
     with caplog.at_level("WARNING", logger="gateway.integrity"):
         await asgi_get(app, f"/v2/alpine/blobs/{BLOB_DIGEST}")
