@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
     with ExitStack() as stack:
 
         def start(
-            route: str, upstreams: list[str], env: dict[str, str] | None = None, mirrors: list[str] = ()
+            route: str, upstreams: list[str], env: dict[str, str] | None = None, mirrors: Sequence[str] = ()
         ) -> Gateway:
             listed, mirrored = (", ".join(f'"{u}"' for u in urls) for urls in (upstreams, mirrors))
             routes = (

@@ -225,7 +225,7 @@ def test_a_rollout_of_three_big_layers_stays_inside_the_shipped_pods_limit(
         held_now = metric(gw, "registry_gateway_shared_window_bytes")
 
         # Upstream: the CDN's access log, per layer (hub redirects every blob GET there).
-        counts = {}
+        counts: dict[str, dict[str, Any]] = {}
         for blob in layers:
             lines = blob_gets(gw, blob.digest)
             detached = sorted(a["request_id"] for a in lines if a["share"] == "detached")
@@ -236,7 +236,11 @@ def test_a_rollout_of_three_big_layers_stays_inside_the_shipped_pods_limit(
 
             # nginx logs a request once its answer is done: wait for the ones the gateway made.
             made = len(fetches) + len(detached)
-            wait_for(lambda made=made: len(cdn_gets()) >= made)
+
+            def all_logged(made: int = made) -> bool:
+                return len(cdn_gets()) >= made
+
+            wait_for(all_logged)
             got = cdn_gets()
             shares = sorted(a["share"] for a in lines)
             counts[blob.digest] = {
