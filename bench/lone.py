@@ -11,6 +11,10 @@ Side by side in one run, each path pulls the big blob alone, ``--repeat`` times,
   before each pull, so every pull is cold: it fetches, verifies, writes to disk and serves;
 - ``nginx-tls`` and ``gateway-tls``: nginx and the gateway in front of a TLS upstream (an nginx with
   a test CA in front of the registry, following its redirect itself), the upstream verified;
+- ``floor`` and ``floor-verified``: ``bench/floor_relay.py``, a bare relay on uvloop in front of the
+  registry that does only what nginx does (plus, verified, sha256 in the pool as the gateway does it):
+  the least a Python relay spends on this machine in this run, so the gateway's own cost above it, and
+  whether a target is in reach of any relay in Python here, are read in the same run;
 - ``sha256``: no server, ``hashlib.sha256`` over the blob's size in this process (its CPU only).
 
 Per pull: MB/s (curl's) and the server's CPU seconds per GiB (utime+stime of its processes, which
@@ -22,14 +26,16 @@ of the issue are judged from these (``targets``) and printed by ``print_lone``.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import clients, procs
 from bench.clients import Target
-from bench.servers import LOOPBACK, Gateway, NginxProxy, Server, ServerError
+from bench.servers import LOOPBACK, ROOT, Gateway, NginxProxy, Server, ServerError
 from bench.session import GIB, MB, PRIVATE_KEY, Session, rotated
 from tests.testbed._util import free_port
 
@@ -78,6 +84,24 @@ proxy:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class FloorRelay(Server):
+    """``bench/floor_relay.py`` in front of the registry, verifying or not."""
+
+    def __init__(self, workdir: Path, registry_url: str, *, verify: bool) -> None:
+        self.name = "floor-verified" if verify else "floor"
+        super().__init__(workdir)
+        self.registry_url = registry_url
+        self.verify_blobs = verify
+
+    def start(self, timeout: float = 20.0) -> FloorRelay:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "bench.floor_relay", "--port", str(self.port), "--upstream", self.registry_url]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self._spawn([*argv, "--verify"] if self.verify_blobs else argv, env=env)
+        self._wait_ready("/v2/", timeout)
+        return self
 
 
 def _hash_cpu(size: int) -> float:
@@ -138,6 +162,12 @@ def measure_lone(session: Session, tb: Any) -> None:
             gateway("gateway-tls", front.url, {"SSL_CERT_FILE": str(pki.ca_cert)}, {})
         except (ServerError, OSError) as exc:
             out["errors"]["tls"] = f"did not start: {exc}"
+        for verify in (False, True):
+            try:
+                floor = FloorRelay(work / f"floor-{verify}", registry, verify=verify)
+                servers[floor.name] = floor.start()
+            except (ServerError, OSError) as exc:
+                out["errors"][floor.name] = f"did not start: {exc}"
         _pulls(session, servers, out)
         _unshared_streams(session, servers, out)
     finally:
@@ -167,7 +197,8 @@ def _pulls(session: Session, servers: dict[str, Server], out: dict[str, Any]) ->
                 assert isinstance(cache, PullThroughCache)
                 cache.restart()  # cold: nothing stored, nothing in memory
             url = session.targets[path].base_url if path in session.targets else servers[path].url
-            auth = session.targets["nginx"].auth if path.startswith("nginx") else None
+            # nginx and the floor relay pass the client's token on, as a registry client's proxy does
+            auth = session.targets["nginx"].auth if path.startswith(("nginx", "floor")) else None
             target = Target(path, url, auth, follow_redirects=False)
             pids = _pids(session, servers, path)
             before = procs.total_cpu(pids)
@@ -234,6 +265,9 @@ def targets(session: Session, out: dict[str, Any]) -> list[dict[str, Any]]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
+    def by_speed(a: str, b: str) -> float | None:
+        return ratio(speed.get(a), speed.get(b))
+
     floor = None if cpu.get("nginx") is None or sha is None else cpu["nginx"] + sha  # type: ignore[operator]
     unshared = out.get("unshared_streams") or {}
     rows = [
@@ -256,6 +290,11 @@ def targets(session: Session, out: dict[str, Any]) -> list[dict[str, Any]]:
         ("N pulls of one blob vs nginx aggregate", f.aggregate.ratio("gateway", "nginx"), ">=", 2.0),
         ("  its peak RSS, MiB", f.rss_max.median("gateway"), "<", 200.0),
         ("manifest req/s vs nginx", f.rps.ratio("gateway", "nginx"), ">=", 0.9),
+        ("floor: bare relay MB/s vs nginx", by_speed("floor", "nginx"), ">=", None),
+        ("floor: bare verifying relay MB/s vs nginx", by_speed("floor-verified", "nginx"), ">=", None),
+        ("  bare verifying relay CPU / (nginx CPU + sha256 CPU)", ratio(cpu.get("floor-verified"), floor), "<=", None),
+        ("gateway unverified vs bare relay, MB/s", by_speed("gateway-unverified", "floor"), ">=", None),
+        ("gateway verified vs bare verifying relay, MB/s", by_speed("gateway", "floor-verified"), ">=", None),
         (
             "TLS upstream: verified lone pull MB/s vs nginx",
             ratio(speed.get("gateway-tls"), speed.get("nginx-tls")),
