@@ -26,6 +26,8 @@ import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from gateway.http.util import Chunk
+
 # A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches; while one is hashed the
 # next fills, up to the batch again, then the relay waits for the hash. So a stream holds at most
 # two batches not yet hashed. While CROWD or more streams hash at once, their batches are
@@ -75,12 +77,12 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
-def _update(hasher: hashlib._Hash, chunks: list[bytes], mark: bool) -> hashlib._Hash | None:
+def _update(hasher: hashlib._Hash, chunks: list[Chunk], mark: bool) -> hashlib._Hash | None:
     # A large chunk is hashed where it lies (no copy): joining a batch of 256 KiB reads cost a
     # memcpy of every byte for nothing (docs/performance.md). Small chunks (a TLS record, a slow
     # link) are joined first: each update releases and takes back the GIL, and every hand-over
     # costs the relay's thread a wait.
-    small: list[bytes] = []
+    small: list[Chunk] = []
     for chunk in chunks:
         if len(chunk) >= IN_PLACE:
             if small:
@@ -109,7 +111,7 @@ class StreamHasher:
     ) -> None:
         self._hasher = state if state is not None else hashlib.new(algorithm)
         self._algorithm = algorithm
-        self._pending: list[bytes] = []
+        self._pending: list[Chunk] = []
         self._pending_bytes = 0
         self._job: asyncio.Future[hashlib._Hash | None] | None = None
         self._fed = fed  # bytes handed to the pool so far
@@ -120,7 +122,7 @@ class StreamHasher:
     def algorithm(self) -> str:
         return self._algorithm
 
-    async def feed(self, chunk: bytes) -> None:
+    async def feed(self, chunk: Chunk) -> None:
         if not self._pending:
             _hashing.add(self)
         self._pending.append(chunk)
@@ -185,14 +187,14 @@ class Verdict:
 
 
 async def verified(
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterator[Chunk],
     digest: str,
     algorithm: str,
     verdict: Verdict | None = None,
     hasher: StreamHasher | None = None,
     *,
     whole: bool = False,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     """``chunks`` as they come, but the last one (all of them, ``whole``: a blob of at most
     ``HELD_WHOLE`` bytes) only once they all hash to ``digest``.
 
@@ -200,7 +202,7 @@ async def verified(
     records the digest they hashed to. ``hasher`` continues a hash of the bytes before these.
     """
     hasher = hasher if hasher is not None else StreamHasher(algorithm)
-    held: list[bytes] = []
+    held: list[Chunk] = []
     try:
         async for chunk in chunks:
             if not chunk:

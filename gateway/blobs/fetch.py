@@ -24,6 +24,7 @@ from gateway.blobs.merge import Lineage
 from gateway.blobs.produce import Producer
 from gateway.blobs.terms import Continue, FetchBroken, Key, Resume
 from gateway.blobs.window import HashMarks, Window
+from gateway.http.util import Chunk
 
 logger = logging.getLogger("gateway.herd")
 
@@ -43,7 +44,7 @@ class Reader:
     # Whether its client has asked for its first bytes: until then it is not detached (``spare_the_new``).
     started: bool = False
 
-    async def stream(self, own: Continue) -> AsyncGenerator[bytes, None]:
+    async def stream(self, own: Continue) -> AsyncGenerator[Chunk, None]:
         """This reader's bytes: from the window while it keeps up, then from ``own(resume)``.
 
         Ends cleanly only at ``self.end``; raises (``DigestMismatch``, ``FetchBroken``)
@@ -168,7 +169,7 @@ class SharedFetch:
         self,
         headers: list[tuple[bytes, bytes]],
         total: int,
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[Chunk],
         *,
         digest: str,
         algorithm: str | None,
@@ -213,7 +214,7 @@ class SharedFetch:
             self.gathering_state.joined(asyncio.get_running_loop().time(), at_first_byte=self.base == 0)
         return self._attach(start, end)
 
-    def read(self, reader: Reader, own: Continue) -> AsyncGenerator[bytes, None]:
+    def read(self, reader: Reader, own: Continue) -> AsyncGenerator[Chunk, None]:
         """``reader``'s bytes (``Reader.stream``): from the window while it keeps up, then from ``own(resume)``."""
         return reader.stream(own)
 
@@ -291,7 +292,7 @@ class SharedFetch:
 
     # -- the fetch's steps -------------------------------------------------------------
 
-    async def _produce(self, body: AsyncIterator[bytes], close: Callable[[], object] | None) -> None:
+    async def _produce(self, body: AsyncIterator[Chunk], close: Callable[[], object] | None) -> None:
         try:
             producer = Producer(self.marks.hasher if self.marks is not None else None, self._digest)
             try:
@@ -308,7 +309,7 @@ class SharedFetch:
         finally:
             await self._finish(close)
 
-    async def accept(self, piece: bytes) -> bool:
+    async def accept(self, piece: Chunk) -> bool:
         """Take the next piece of the body into the window; False: merged, its readers read on elsewhere.
 
         A fetch catching up with an older one never reads past what the older has: it merges there
@@ -368,7 +369,7 @@ class SharedFetch:
         if not self.readers:
             self._idle()
 
-    def append(self, chunk: bytes) -> None:
+    def append(self, chunk: Chunk) -> None:
         self.progressed = asyncio.get_running_loop().time()
         self.bytes.append(chunk)
         self.board.count_held(len(chunk))

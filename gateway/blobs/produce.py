@@ -12,6 +12,7 @@ from typing import Protocol
 
 from gateway.blobs.digest import DigestMismatch, StreamHasher
 from gateway.blobs.terms import FetchBroken
+from gateway.http.util import Chunk
 
 
 class Sink(Protocol):
@@ -21,8 +22,8 @@ class Sink(Protocol):
 
     @property
     def produced(self) -> int: ...
-    async def accept(self, piece: bytes) -> bool: ...
-    def append(self, chunk: bytes) -> None: ...
+    async def accept(self, piece: Chunk) -> bool: ...
+    def append(self, chunk: Chunk) -> None: ...
     async def between_chunks(self) -> None: ...
 
 
@@ -34,15 +35,15 @@ class Producer:
         self._digest = digest
         self.actual: str | None = None  # the digest the bytes hashed to, once all came
 
-    async def run(self, body: AsyncIterator[bytes], sink: Sink) -> None:
+    async def run(self, body: AsyncIterator[Chunk], sink: Sink) -> None:
         """Read the upstream body into the window, checked, never far ahead of the fastest reader."""
         hasher = self._hasher
-        held: bytes | None = None
+        held: Chunk | None = None
         try:
             async for chunk in body:
                 if not chunk:
                     continue
-                piece: bytes | None = chunk
+                piece: Chunk | None = chunk
                 if hasher is not None:
                     await hasher.feed(chunk)
                     piece, held = held, chunk  # the one before goes in: the last waits for the digest

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from gateway.http.util import Chunk
+
 # RFC 9110 14.4: Content-Range: bytes first-last/complete-length (or "*").
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d{1,18})-(\d{1,18})/(\d{1,18}|\*)\Z")
 
@@ -131,17 +133,17 @@ class Breaks:
         return frozenset(self.passed_over)
 
 
-Reopen = Callable[[int], Awaitable[AsyncIterator[bytes]]]
+Reopen = Callable[[int], Awaitable[AsyncIterator[Chunk]]]
 
 
 async def resumable(
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[Chunk],
     segment: Segment,
     reopen: Reopen,
     *,
     max_resumes: int,
     on_break: Callable[[int, BaseException, bool], None] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     """``body``, continued through ``reopen(sent)`` each time it breaks, at most ``max_resumes`` times.
 
     ``reopen`` returns the rest of the segment from ``sent`` bytes on; raises ``NotTheRest``

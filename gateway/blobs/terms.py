@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.blobs.digest import StreamHasher
+from gateway.http.util import Chunk
 
 # (route, upstream repository, digest). The repository is part of the key: a registry serves
 # a blob only under a repository that holds it (distribution-spec "Pulling blobs"), and a
@@ -62,10 +63,10 @@ class Resume:
     # A hash over the blob's first ``position`` bytes, or None when the fetch does not check.
     hasher: StreamHasher | None = None
     # The bytes between the hash's mark and ``position`` (already sent), to be fed to ``hasher``.
-    prefix: list[bytes] = field(default_factory=list)
+    prefix: list[Chunk] = field(default_factory=list)
 
 
-Continue = Callable[[Resume], AsyncIterator[bytes]]
+Continue = Callable[[Resume], AsyncIterator[Chunk]]
 
 
 def permit_key(authorization: str, route: str, repository: str) -> tuple[str, str, str]:

@@ -13,6 +13,7 @@ import hashlib
 
 from gateway.blobs.digest import StreamHasher
 from gateway.blobs.terms import COMPACT_AFTER, Resume
+from gateway.http.util import Chunk
 
 
 class Window:
@@ -20,7 +21,7 @@ class Window:
 
     def __init__(self) -> None:
         self._starts: list[int] = []
-        self._chunks: list[bytes] = []
+        self._chunks: list[Chunk] = []
         self._first = 0  # index in the lists of the window's first chunk
         self.base = 0
         self.produced = 0
@@ -35,13 +36,13 @@ class Window:
         """The bytes it holds now (what the board counts against its cap)."""
         return self.produced - self.base if self._chunks else 0
 
-    def append(self, chunk: bytes) -> None:
+    def append(self, chunk: Chunk) -> None:
         self._starts.append(self.produced)
         self._chunks.append(chunk)
         self.chunks += 1
         self.produced += len(chunk)
 
-    def piece(self, position: int, end: int) -> bytes:
+    def piece(self, position: int, end: int) -> Chunk:
         """The bytes from ``position`` (inside the window) to the end of its chunk, or to ``end``."""
         index = bisect.bisect_right(self._starts, position, self._first) - 1
         start = self._starts[index]
@@ -51,7 +52,7 @@ class Window:
             return chunk  # the common case: the same object for every reader, no copy
         return chunk[position - start : min(stop, end) - start]
 
-    def pieces(self, start: int, end: int) -> list[bytes]:
+    def pieces(self, start: int, end: int) -> list[Chunk]:
         """The window's bytes from ``start`` to ``end`` (both inside it), as the chunks hold them."""
         pieces = []
         while start < end:

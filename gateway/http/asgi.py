@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.http.errors import RegistryError
+from gateway.http.util import Chunk
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -72,7 +73,7 @@ class StreamEnd(StrEnum):
 async def stream_body(
     send: Send,
     receive: Receive,
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterator[Chunk],
     *,
     upstream_errors: tuple[type[BaseException], ...],
 ) -> tuple[StreamEnd, int]:

@@ -12,9 +12,15 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable
+from typing import TypeAlias
 from urllib.parse import urlsplit
 
 import httpx
+
+# A piece of a body as it streams: the upstream connection hands on each read as a view of the
+# buffer it was read into (``net/connections.py``), anything else is ``bytes``. Both have len(),
+# slicing, hashing and a transport's write; a view has no bytes methods (find, decode, +).
+Chunk: TypeAlias = bytes | memoryview
 
 # Client -> upstream. Range/If-Range for resumable blob pulls (distribution-spec
 # "Pulling Blobs"); Accept decides which manifest format comes back.

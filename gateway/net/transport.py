@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
+from gateway.http.util import Chunk
 from gateway.net.connections import _Connection, _Pool
 from gateway.net.netguard import AddressGuard, AddressRefused, close_socket, race, tcp_socket
 from gateway.settings import PoolLimits
@@ -147,9 +148,12 @@ class _Body(httpx.AsyncByteStream):
             self._finished = True
             self._finish(self.conn, clean and self.head.keep_alive)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    # The pieces are Chunk, views of the connection's arena, though httpx's stream says bytes: the
+    # relay takes them as Chunk from ``aiter_raw`` (``Chunk`` in ``http/util.py``).
+    async def __aiter__(self) -> AsyncIterator[Chunk]:  # type: ignore[override]
         if self._done:
             return
+        part: Chunk
         try:
             if self.head.chunked:
                 async for part in self._chunked():
@@ -168,7 +172,8 @@ class _Body(httpx.AsyncByteStream):
             raise httpx.RemoteProtocolError(str(exc), request=self.request) from None
         self._done = True
 
-    async def _next(self) -> bytes:
+    async def _next(self) -> Chunk:
+        data: Chunk
         if self.first:
             data, self.first = self.first, b""
             return data
@@ -180,7 +185,7 @@ class _Body(httpx.AsyncByteStream):
             raise _ProtocolError("upstream closed the connection before the end of the body")
         return data
 
-    async def _sized(self, remaining: int) -> AsyncIterator[bytes]:
+    async def _sized(self, remaining: int) -> AsyncIterator[Chunk]:
         # The hot path: every piece the event loop read is passed on as it is.
         while remaining > 0:
             data = await self._next()
@@ -191,7 +196,8 @@ class _Body(httpx.AsyncByteStream):
             yield data
         self._release(clean=self.conn.reusable())
 
-    async def _until_close(self) -> AsyncIterator[bytes]:
+    async def _until_close(self) -> AsyncIterator[Chunk]:
+        data: Chunk
         if self.first:
             data, self.first = self.first, b""
             yield data
@@ -211,7 +217,7 @@ class _Body(httpx.AsyncByteStream):
             while b"\r\n" not in buffer:
                 if len(buffer) > MAX_CHUNK_LINE:
                     raise _ProtocolError("chunk size line too long")
-                buffer += await self._next()
+                buffer += await self._next()  # bytes + a view is bytes: the parse below needs bytes
             line, _, buffer = buffer.partition(b"\r\n")
             size_text = line.split(b";", 1)[0].strip()
             if not _CHUNK_SIZE_RE.match(size_text):
@@ -232,7 +238,7 @@ class _Body(httpx.AsyncByteStream):
                 return
             while size > 0:
                 if not buffer:
-                    buffer = await self._next()
+                    buffer = bytes(await self._next())
                 part, buffer = buffer[:size], buffer[size:]
                 size -= len(part)
                 yield part

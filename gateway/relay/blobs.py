@@ -17,7 +17,7 @@ from gateway.blobs import herd
 from gateway.blobs.digest import DigestMismatch, Verdict, verified
 from gateway.blobs.resume import Segment, single_range
 from gateway.http.asgi import Headers
-from gateway.http.util import response_headers
+from gateway.http.util import Chunk, response_headers
 from gateway.observe import metrics
 from gateway.relay import answers, integrity
 from gateway.relay.exchange import Exchange
@@ -78,7 +78,7 @@ class BlobRelay:
                     await self._send_shared(ex, ex.lead, reader, headers, 200)
                     return
                 ex.lead.abandon()
-            body = resp.aiter_raw()
+            body: AsyncIterator[Chunk] = resp.aiter_raw()
             verdict: Verdict | None = None
             client = self._clients[ex.route_name]
             if not ex.head:
@@ -155,7 +155,7 @@ class BlobRelay:
         client = self._clients[ex.route_name]
         # The fetch's own exchange: its resumes and upstream are its own, not the first client's.
         producer = dataclasses.replace(ex, record=dataclasses.replace(ex.record), lead=None)
-        body: AsyncIterator[bytes] = resp.aiter_raw()
+        body: AsyncIterator[Chunk] = resp.aiter_raw()
         passthrough_login = ex.login.from_client
         if not passthrough_login:
             # The gateway's credentials: the fetch asks for the rest itself when its body breaks.
@@ -205,7 +205,7 @@ class BlobRelay:
         algorithm = integrity.algorithm_for(ex) if whole else None
         verdict = Verdict() if algorithm is not None else None
 
-        async def own(resume: herd.Resume) -> AsyncIterator[bytes]:
+        async def own(resume: herd.Resume) -> AsyncIterator[Chunk]:
             ex.record.share = "detached"
             fields = {
                 "event": "shared_fetch_detached",

@@ -19,6 +19,7 @@ import httpx
 from gateway.blobs.digest import HELD_WHOLE, DigestMismatch, Verdict, algorithm_of, verified
 from gateway.blobs.resume import Breaks, NotTheRest, Segment, continues, resumable, segment_of
 from gateway.http.errors import UNAVAILABLE, RegistryError
+from gateway.http.util import Chunk
 from gateway.observe import metrics
 from gateway.relay.exchange import Exchange
 from gateway.routing.reference import is_digest
@@ -30,11 +31,11 @@ logger = logging.getLogger("gateway.integrity")
 
 def _reopener(
     ex: Exchange, client: UpstreamClient, segment: Segment, later: list[httpx.Response], breaks: Breaks
-) -> Callable[[int], Awaitable[AsyncIterator[bytes]]]:
+) -> Callable[[int], Awaitable[AsyncIterator[Chunk]]]:
     """How the rest of ``segment`` after ``sent`` bytes is asked for: the whole path again, of the
     sources the body has not been passed over on (``resume.Breaks``)."""
 
-    async def reopen(sent: int) -> AsyncIterator[bytes]:
+    async def reopen(sent: int) -> AsyncIterator[Chunk]:
         while later:
             await later.pop().aclose()
         headers = upstream_headers(ex.scope)
@@ -87,14 +88,14 @@ def _broke(ex: Exchange, client: UpstreamClient, breaks: Breaks) -> None:
 
 def _resumed(
     ex: Exchange,
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[Chunk],
     segment: Segment,
-    reopen: Callable[[int], Awaitable[AsyncIterator[bytes]]],
+    reopen: Callable[[int], Awaitable[AsyncIterator[Chunk]]],
     later: list[httpx.Response],
     max_resumes: int,
     client: UpstreamClient,
     breaks: Breaks,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     def on_break(sent: int, error: BaseException, resumed: bool) -> None:
         _broke(ex, client, breaks)
         if not resumed:
@@ -111,7 +112,7 @@ def _resumed(
         }
         logger.info("a blob body broke; asking for the rest", extra={"fields": fields})
 
-    async def resumed() -> AsyncIterator[bytes]:
+    async def resumed() -> AsyncIterator[Chunk]:
         try:
             async for chunk in resumable(body, segment, reopen, max_resumes=max_resumes, on_break=on_break):
                 yield chunk
@@ -126,10 +127,10 @@ def resumable_body(
     ex: Exchange,
     client: UpstreamClient,
     resp: httpx.Response,
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[Chunk],
     max_resumes: int,
     same_source: int = 1,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     """A blob body that is asked for again from where it broke (``resume.py``), when it can be:
     ``same_source`` more times of the source that broke, then of the next source of the route."""
     segment = segment_of(resp.status_code, resp.headers)
@@ -143,7 +144,7 @@ def resumable_body(
 
 async def rest_of(
     ex: Exchange, client: UpstreamClient, segment: Segment, max_resumes: int, same_source: int = 1
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[Chunk]:
     """``segment`` of a blob on its own upstream request (a reader that left a shared fetch), resumed too.
 
     The request is the client's own: its login, a fresh token and redirect, failover and
@@ -182,8 +183,8 @@ def algorithm_for(ex: Exchange) -> str | None:
 
 
 def checked_or_asked_again(
-    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[bytes], max_resumes: int, same: int
-) -> tuple[AsyncIterator[bytes], Verdict | None]:
+    ex: Exchange, client: UpstreamClient, resp: httpx.Response, body: AsyncIterator[Chunk], max_resumes: int, same: int
+) -> tuple[AsyncIterator[Chunk], Verdict | None]:
     """A whole blob body, checked against its digest as it streams (``blobs/digest.py``), when it can
     be. When its bytes do not match before the client had any of them (a blob held whole until
     checked), the next source is asked for all of it instead of cutting the client, and that body is
@@ -199,7 +200,7 @@ def checked_or_asked_again(
     if segment is None:
         return checked, verdict
 
-    async def moved_on(segment: Segment, algorithm: str) -> AsyncIterator[bytes]:
+    async def moved_on(segment: Segment, algorithm: str) -> AsyncIterator[Chunk]:
         sent = False
         try:
             async for chunk in checked:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from gateway.http.asgi import Headers
 from gateway.http.errors import RegistryError
-from gateway.http.util import response_headers
+from gateway.http.util import Chunk, response_headers
 from gateway.net.upstream_errors import BODY, upstream_errors
 from gateway.observe import metrics
 from gateway.relay import answers
@@ -32,7 +32,7 @@ class ListRelay:
                 return
             resp = opened.response
             headers = response_headers(resp.headers)
-            body = resp.aiter_raw()
+            body: AsyncIterator[Chunk] = resp.aiter_raw()
             if ex.api.kind is Kind.TAGS:
                 headers.extend(answers.links(resp, ex.target))
                 if resp.status_code == 200 and not ex.head and "content-encoding" not in resp.headers:
@@ -40,7 +40,7 @@ class ListRelay:
             await send_stream(ex, resp.status_code, headers, body)
 
 
-async def _renamed_tag_list(ex: Exchange, headers: Headers, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _renamed_tag_list(ex: Exchange, headers: Headers, body: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     """The tag list's body with ``name`` as the client asked for it; ``headers``' Content-Length follows."""
     upstream_name, client_name = ex.target.upstream_name, ex.target.client_path_name
     if upstream_name == client_name:
@@ -66,7 +66,7 @@ async def _renamed_tag_list(ex: Exchange, headers: Headers, body: AsyncIterator[
         if name == b"content-length" and value.isdigit():
             headers[index] = (name, str(int(value) + len(renamed) - len(start)).encode())
 
-    async def joined() -> AsyncIterator[bytes]:
+    async def joined() -> AsyncIterator[Chunk]:
         yield renamed
         async for chunk in body:
             yield chunk

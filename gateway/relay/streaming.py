@@ -13,6 +13,7 @@ import httpx
 from gateway.blobs import herd
 from gateway.blobs.digest import DigestMismatch, Verdict
 from gateway.http.asgi import API_VERSION_HEADER, Headers, StreamEnd, stream_body
+from gateway.http.util import Chunk
 from gateway.observe import metrics, tracing
 from gateway.relay import integrity
 from gateway.relay.exchange import Exchange
@@ -29,7 +30,7 @@ async def send_stream(
     ex: Exchange,
     status: int,
     headers: Headers,
-    body: AsyncIterator[bytes],
+    body: AsyncIterator[Chunk],
     *,
     verdict: Verdict | None = None,
     client: UpstreamClient | None = None,

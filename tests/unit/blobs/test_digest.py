@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway.blobs import digest as digest_module, fetch
 from gateway.blobs.digest import HASH_BATCH, DigestMismatch, StreamHasher, Verdict, algorithm_of, verified
+from gateway.http.util import Chunk
 from gateway.relay import integrity
 from gateway.settings import Settings
 from tests.unit.conftest import asgi_get, in_process_app
@@ -27,7 +28,7 @@ async def pieces(chunks: list[bytes], log: list[str] | None = None) -> AsyncIter
         yield chunk
 
 
-async def collect(body: AsyncIterator[bytes]) -> bytes:
+async def collect(body: AsyncIterator[Chunk]) -> bytes:
     return b"".join([chunk async for chunk in body])
 
 
@@ -82,7 +83,7 @@ async def test_the_last_chunk_waits_for_the_digest():
     log: list[str] = []
     verdict = Verdict()
     async for chunk in verified(pieces(chunks, log), digest, "sha256", verdict):
-        log.append(f"sent {chunk[:1].decode()}")
+        log.append(f"sent {bytes(chunk[:1]).decode()}")
     # Each chunk goes out once the next one has come; the last once the digest matched.
     assert log == ["produced 0", "produced 1", "sent a", "produced 2", "sent b", "sent c"]
     assert verdict.actual == digest
@@ -91,7 +92,7 @@ async def test_the_last_chunk_waits_for_the_digest():
 async def test_a_wrong_byte_never_reaches_the_end():
     chunks = [BLOB[:1000], BLOB[1000:2000], BLOB[2000:]]
     flipped = [chunks[0], bytes([chunks[1][0] ^ 1]) + chunks[1][1:], chunks[2]]
-    sent: list[bytes] = []
+    sent: list[Chunk] = []
     verdict = Verdict()
 
     async def relay() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.blobs import herd, hold, pace
 from gateway.blobs.digest import DigestMismatch
+from gateway.http.util import Chunk
 
 CHUNK = 64 << 10
 
@@ -59,7 +60,7 @@ class Upstream:
         self.closed = True
 
 
-async def drain(chunks: AsyncIterator[bytes], *, pause: float = 0.0) -> bytes:
+async def drain(chunks: AsyncIterator[Chunk], *, pause: float = 0.0) -> bytes:
     out = bytearray()
     async for chunk in chunks:
         out += chunk
@@ -156,7 +157,7 @@ async def test_the_window_stays_bounded_whatever_the_readers_do() -> None:
         chunks = fetch.read(stuck, own)
         first = await anext(chunks)
         await asyncio.sleep(0.2)  # a client that stopped reading
-        return first + await drain(chunks)
+        return bytes(first) + await drain(chunks)
 
     fast_bytes, stuck_bytes = await asyncio.gather(drain(fetch.read(fast, no_own)), never_reads())
     assert fast_bytes == data

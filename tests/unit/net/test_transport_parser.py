@@ -38,6 +38,7 @@ import httpx
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from gateway.http.util import Chunk
 from gateway.net.connections import _Connection
 from gateway.net.transport import (
     LeanTransport,
@@ -164,7 +165,7 @@ class Exchange:
 
     def __init__(self, conn: FakeConnection) -> None:
         self.conn = conn
-        self.parts: list[bytes] = []
+        self.parts: list[Chunk] = []
         self.released: list[bool] = []
 
     def _finish(self, conn: _Connection, reuse: bool) -> None:
