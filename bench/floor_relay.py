@@ -4,8 +4,8 @@
 the way the run's nginx does: the request goes to the registry with the client's Authorization, a
 redirect is followed by the relay itself (to the CDN, without the Authorization), and the body is
 streamed back with its Content-Length. With ``--verify`` every byte is hashed on the way, off the
-event loop in 1 MiB batches (one in flight, as ``gateway/blobs/digest.py`` does), and the last read
-is held back until the digest in the path matched.
+event loop in 1 MiB batches queued to one thread (the relay never waits for the hash before the
+end), and the last read is held back until the digest in the path matched.
 
 It does nothing else: no routing, no token, no window, no sharing, no resume, no logs, no metrics,
 one request per connection, a body's bytes written to the client as the event loop read them. So a
@@ -25,7 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import uvloop
 
 BATCH = 1 << 20
-_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+ARENA = 1 << 20
+# One thread, so the batches are hashed in the order they were handed over: a batch goes to the
+# pool as soon as it is full and the relay never waits for the hash before the end (sha256 is
+# faster than the relay here; a product would bound what is queued, this floor does not).
+_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest")
 
 
 def _head_end(buffer: bytearray) -> int:
@@ -42,23 +46,21 @@ def _headers(head: bytes) -> tuple[str, dict[str, str]]:
 
 
 class _Hash:
-    """sha256 of a stream in the pool, one batch in flight; ``busy`` says the relay must wait."""
+    """sha256 of a stream in the pool, batch after batch, never waited for until the end."""
 
     def __init__(self) -> None:
         self.hasher = hashlib.sha256()
-        self.pending: list[bytes] = []
+        self.pending: list[memoryview] = []
         self.pending_bytes = 0
-        self.job: asyncio.Future[None] | None = None
+        self.last: asyncio.Future[None] | None = None
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: memoryview) -> None:
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
+        if self.pending_bytes >= BATCH:
+            self.submit()
 
-    @property
-    def full(self) -> bool:
-        return self.pending_bytes >= BATCH
-
-    def submit(self) -> asyncio.Future[None]:
+    def submit(self) -> None:
         batch, self.pending, self.pending_bytes = self.pending, [], 0
         update = self.hasher.update
 
@@ -66,12 +68,20 @@ class _Hash:
             for chunk in batch:
                 update(chunk)
 
-        self.job = asyncio.get_running_loop().run_in_executor(_pool, run)
-        return self.job
+        self.last = asyncio.get_running_loop().run_in_executor(_pool, run)
+
+    async def hexdigest(self) -> str:
+        if self.pending:
+            self.submit()
+        if self.last is not None:
+            await self.last
+        return f"sha256:{self.hasher.hexdigest()}"
 
 
-class _Upstream(asyncio.Protocol):
-    """One upstream response: a redirect is followed, a 200's body goes to ``client``."""
+class _Upstream(asyncio.BufferedProtocol):
+    """One upstream response: a redirect is followed, a 200's body goes to ``client``.
+
+    Reads land in 1 MiB buffers of its own and go on as views of them, as the gateway's do."""
 
     def __init__(self, relay: _Client, digest: str | None) -> None:
         self.relay = relay
@@ -80,13 +90,23 @@ class _Upstream(asyncio.Protocol):
         self.left = -1  # body bytes still to come; -1 while the head is read
         self.hash = _Hash() if digest else None
         self.digest = digest
-        self.held: bytes | None = None
-        self.waiting = False  # reading paused for the hash
+        self.held: memoryview | None = None
+        self.arena = memoryview(b"")
+        self.offset = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self.arena) - self.offset < ARENA // 4:
+            self.arena, self.offset = memoryview(bytearray(ARENA)), 0
+        return self.arena[self.offset :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        start, self.offset = self.offset, self.offset + nbytes
+        self.data_received(self.arena[start : self.offset])
+
+    def data_received(self, data: memoryview) -> None:
         if self.left < 0:
             self.head += data
             end = _head_end(self.head)
@@ -104,7 +124,7 @@ class _Upstream(asyncio.Protocol):
             self.relay.start(code, fields)
             if code != 200:
                 self.hash = None
-            data = rest
+            data = memoryview(rest)
             if not data:
                 return
         self.left -= len(data)
@@ -114,34 +134,15 @@ class _Upstream(asyncio.Protocol):
             self.hash.feed(data)
             if self.held is not None:
                 self.relay.write(self.held)
-            self.held = data
-            if self.hash.full:
-                if self.hash.job is None or self.hash.job.done():
-                    self.hash.submit()
-                elif not self.waiting and self.transport is not None:
-                    # one batch in flight and the next full: the relay waits for the hash
-                    self.waiting = True
-                    self.transport.pause_reading()
-                    self.hash.job.add_done_callback(self._hashed)
+            self.held = data  # the last read goes out once the digest matched
         if self.left <= 0:
             asyncio.ensure_future(self._finish())
-
-    def _hashed(self, _job: object) -> None:
-        self.waiting = False
-        if self.hash is not None and self.hash.full:
-            self.hash.submit()
-        if self.transport is not None and not self.relay.paused:
-            self.transport.resume_reading()
 
     async def _finish(self) -> None:
         if self.transport is not None:
             self.transport.close()
         if self.hash is not None:
-            if self.hash.job is not None:
-                await self.hash.job
-            if self.hash.pending:
-                await self.hash.submit()
-            if f"sha256:{self.hash.hasher.hexdigest()}" != self.digest:
+            if await self.hash.hexdigest() != self.digest:
                 self.relay.abort()
                 return
             if self.held is not None:
@@ -202,7 +203,7 @@ class _Client(asyncio.Protocol):
         head += [f"{k}: {fields[k]}" for k in kept if k in fields]
         self.write(("\r\n".join(head) + "\r\n\r\n").encode())
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.transport is not None:
             self.transport.write(data)
 

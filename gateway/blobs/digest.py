@@ -10,8 +10,8 @@ does), so a client never sees a clean end of wrong bytes, and its retry can go e
 Hashing must not stall the event loop: hashlib releases the GIL for buffers over 2 KiB,
 so batches of about ``HASH_BATCH`` bytes are hashed by a small thread pool, one batch in
 flight per stream (a hash is sequential), pipelined with the relay; each chunk of a batch is
-hashed where it lies, small ones joined first. When the hashing falls a batch behind, the
-relay waits for it: memory stays bounded per stream, and smaller while many streams hash.
+hashed where it lies, small ones joined first. When the hashing falls two batches behind (one
+while many streams hash), the relay waits for it: memory stays bounded per stream.
 
 Algorithms: sha256 and sha512 (the registered ones); a digest of another algorithm is
 relayed unverified, and said so (``algorithm_of`` returns None).
@@ -28,12 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.http.util import Chunk
 
-# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches; while one is hashed the
-# next fills, up to the batch again, then the relay waits for the hash. So a stream holds at most
-# two batches not yet hashed. While CROWD or more streams hash at once, their batches are
-# CROWDED_BATCH: 16 checked streams then peak about 15 MiB lower (under 100 MiB), for about
-# 0.1 CPU s/GiB more hand-overs, while a lone pull keeps the cheaper batch. Measured in
-# docs/performance.md. Chunks of IN_PLACE or more are hashed where they lie.
+# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches. While one is hashed, the
+# next two fill (``hash_lags``), then the relay waits for the hash: with 1 MiB reads (the
+# connection's arena) a lag of one batch made the relay wait for nearly every read, and a lone
+# shared verified pull ran 10% slower (docs/performance.md). While CROWD or more streams hash at
+# once, their batches are CROWDED_BATCH and the lag one batch: 16 checked streams then peak under
+# 100 MiB, for about 0.1 CPU s/GiB more hand-overs. Chunks of IN_PLACE or more are hashed where
+# they lie.
 HASH_BATCH = 1 << 20
 CROWDED_BATCH = 512 << 10
 CROWD = 4
@@ -69,6 +70,12 @@ _hashing: weakref.WeakSet[StreamHasher] = weakref.WeakSet()
 def batch_bytes(streams: int) -> int:
     """The batch handed to the pool while ``streams`` streams hash at once."""
     return HASH_BATCH if streams < CROWD else CROWDED_BATCH
+
+
+def hash_lags(pending: int, streams: int) -> bool:
+    """Whether a stream with ``pending`` bytes not yet handed to the pool, and a batch still in it,
+    must wait for the hash: at two batches below a crowd of ``streams``, at one in a crowd."""
+    return pending >= batch_bytes(streams) * (2 if streams < CROWD else 1)
 
 
 @functools.cache
@@ -127,10 +134,13 @@ class StreamHasher:
             _hashing.add(self)
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
-        if self._pending_bytes < batch_bytes(len(_hashing)):
+        streams = len(_hashing)
+        if self._pending_bytes < batch_bytes(streams):
             return
         if self._job is not None and not self._job.done():
-            await self._job  # the pool is busy with the last batch: the relay waits for the hash
+            if not hash_lags(self._pending_bytes, streams):
+                return  # the pool is busy with the last batch: the next fills on meanwhile
+            await self._job  # the hash fell behind by all a stream may hold: the relay waits
         self._submit()
 
     def collect(self) -> None:

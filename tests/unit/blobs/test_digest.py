@@ -77,6 +77,16 @@ async def test_batches_shrink_while_many_streams_hash_and_grow_back_after():
     assert digest_module.batch_bytes(1) == HASH_BATCH
 
 
+def test_a_stream_fills_two_batches_before_it_waits_for_the_hash_one_in_a_crowd():
+    crowd = digest_module.CROWD
+    assert not digest_module.hash_lags(2 * HASH_BATCH - 1, 1)
+    assert digest_module.hash_lags(2 * HASH_BATCH, 1)
+    assert not digest_module.hash_lags(2 * HASH_BATCH - 1, crowd - 1)
+    assert not digest_module.hash_lags(digest_module.CROWDED_BATCH - 1, crowd)
+    assert digest_module.hash_lags(digest_module.CROWDED_BATCH, crowd)
+    assert digest_module.hash_lags(digest_module.CROWDED_BATCH, 16)
+
+
 async def test_the_last_chunk_waits_for_the_digest():
     chunks = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
     digest = "sha256:" + hashlib.sha256(b"".join(chunks)).hexdigest()

@@ -162,8 +162,9 @@ async def test_the_window_stays_bounded_whatever_the_readers_do() -> None:
     fast_bytes, stuck_bytes = await asyncio.gather(drain(fetch.read(fast, no_own)), never_reads())
     assert fast_bytes == data
     assert stuck_bytes == data
-    # A window, plus the bytes since the hash's last mark and one chunk: never the blob.
-    assert peak <= window + (2 << 20)
+    # A window, plus the bytes since the hash's last mark (a batch in the pool and two filling,
+    # ``digest.hash_lags``) and one chunk: never the blob.
+    assert peak <= window + (3 << 20) + CHUNK
 
 
 async def test_wrong_bytes_reach_no_reader_whole() -> None:
