@@ -28,17 +28,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.http.util import Chunk
 
-# A batch of 1 MiB halves the hand-overs to the pool of 512 KiB batches. While one is hashed, the
-# next two fill (``hash_lags``), then the relay waits for the hash: with 1 MiB reads (the
-# connection's arena) a lag of one batch made the relay wait for nearly every read, and a lone
-# shared verified pull ran 10% slower (docs/performance.md). While CROWD or more streams hash at
-# once, their batches are CROWDED_BATCH and the lag one batch: 16 checked streams then peak under
-# 100 MiB, for about 0.1 CPU s/GiB more hand-overs. Chunks of IN_PLACE or more are hashed where
-# they lie.
-HASH_BATCH = 1 << 20
+# A batch of 2 MiB: each hand-over to the pool and back costs futex wake-ups, context switches
+# and GIL hand-overs (a verified pull made 6 times the context switches of an unverified one), so
+# fewer batches, less of that: a lone verified pull ran 5-16% faster with 2 MiB than with 1 MiB,
+# and 1 MiB had halved the hand-overs of 512 KiB. While one is hashed, the next two fill
+# (``hash_lags``), then the relay waits for the hash; with a lag of one the relay waited for
+# nearly every 1 MiB read of the connection's arena. So a lone stream holds up to three batches
+# not yet hashed. While CROWD or more streams hash at once, their batches are CROWDED_BATCH and
+# the lag one batch: 16 checked streams then peak under 100 MiB, for about 0.1 CPU s/GiB more
+# hand-overs. Measured in docs/performance.md. Chunks of IN_PLACE or more are hashed where they lie.
+HASH_BATCH = 2 << 20
 CROWDED_BATCH = 512 << 10
 CROWD = 4
 IN_PLACE = 64 << 10
+# A shared fetch's hash marks (where a detached reader or a merge can take the hash state) come
+# about this often whatever the batch: the window is dropped only to a mark (``HashMarks``).
+MARK_EVERY = 1 << 20
 # A checked blob of at most this many bytes (configs, small layers) reaches no client before its
 # digest matched: none of a wrong copy's bytes go out, so the next source can be asked for it
 # instead of cutting the client (``relay/integrity.py``). Otherwise whether the first bytes went
@@ -84,12 +89,17 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
-def _update(hasher: hashlib._Hash, chunks: list[Chunk], mark: bool) -> hashlib._Hash | None:
+def _update(hasher: hashlib._Hash, chunks: list[Chunk], start: int | None) -> list[tuple[int, hashlib._Hash]]:
     # A large chunk is hashed where it lies (no copy): joining a batch of 256 KiB reads cost a
     # memcpy of every byte for nothing (docs/performance.md). Small chunks (a TLS record, a slow
     # link) are joined first: each update releases and takes back the GIL, and every hand-over
     # costs the relay's thread a wait.
+    # With ``start`` (the offset the batch begins at), the states after about every MARK_EVERY
+    # bytes and at the batch's end, for a reader of a shared fetch that goes on alone from there
+    # (``blobs/herd.py``); copied in this thread, before the next batch can change the hasher.
+    marks: list[tuple[int, hashlib._Hash]] = []
     small: list[Chunk] = []
+    offset = last = start or 0
     for chunk in chunks:
         if len(chunk) >= IN_PLACE:
             if small:
@@ -98,11 +108,15 @@ def _update(hasher: hashlib._Hash, chunks: list[Chunk], mark: bool) -> hashlib._
             hasher.update(chunk)
         else:
             small.append(chunk)
+        offset += len(chunk)
+        if start is not None and not small and offset - last >= MARK_EVERY:
+            marks.append((offset, hasher.copy()))
+            last = offset
     if small:
         hasher.update(small[0] if len(small) == 1 else b"".join(small))
-    # The state after the batch, for a reader of a shared fetch that goes on alone from here
-    # (``blobs/herd.py``); copied in this thread, before the next batch can change it.
-    return hasher.copy() if mark else None
+    if start is not None and last != offset:
+        marks.append((offset, hasher.copy()))
+    return marks
 
 
 class StreamHasher:
@@ -120,9 +134,8 @@ class StreamHasher:
         self._algorithm = algorithm
         self._pending: list[Chunk] = []
         self._pending_bytes = 0
-        self._job: asyncio.Future[hashlib._Hash | None] | None = None
+        self._job: asyncio.Future[list[tuple[int, hashlib._Hash]]] | None = None
         self._fed = fed  # bytes handed to the pool so far
-        self._job_end = fed  # the offset the job in flight hashes up to
         self.marks: list[tuple[int, hashlib._Hash]] | None = [(fed, self._hasher.copy())] if marks else None
 
     @property
@@ -149,16 +162,16 @@ class StreamHasher:
         if job is None or not job.done():
             return
         self._job = None
-        mark = job.result()
-        if mark is not None and self.marks is not None:
-            self.marks.append((self._job_end, mark))
+        marks = job.result()
+        if self.marks is not None:
+            self.marks.extend(marks)
 
     def _submit(self) -> None:
         self.collect()
         loop = asyncio.get_running_loop()
+        start = self._fed if self.marks is not None else None
         self._fed += self._pending_bytes
-        self._job_end = self._fed
-        self._job = loop.run_in_executor(_pool(), _update, self._hasher, self._pending, self.marks is not None)
+        self._job = loop.run_in_executor(_pool(), _update, self._hasher, self._pending, start)
         self._pending = []
         self._pending_bytes = 0
 

@@ -309,6 +309,7 @@ def test_a_resume_asks_an_upstream_whose_breaker_rests_rather_than_cut_the_clien
         (f"bytes={quarter}-{size - 1}", 206, "reset"),
     ]
     assert ranges(other, digest) == [(f"bytes={2 * quarter}-{size - 1}", 206, None, size - 2 * quarter)]
+    assert wait_for(lambda: bool(blob_gets(gw, digest)))  # the access line comes after the last byte
     [line] = blob_gets(gw, digest)
     assert (line["status"], line["bytes"], line["resumes"], line["verified"]) == (200, size, 2, "ok")
 
