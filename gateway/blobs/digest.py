@@ -123,8 +123,9 @@ class StreamHasher:
     """A running hash fed chunk by chunk; the hashing happens in the pool, one batch at a time.
 
     ``state`` and ``fed`` continue a hash already over ``fed`` bytes. With ``marks`` the state
-    after each batch is kept as ``(offset, state)`` (collected as batches finish): a shared
-    fetch hands one to a reader that leaves it, so that reader's own bytes are checked too.
+    about every ``MARK_EVERY`` bytes and after each batch is kept as ``(offset, state)`` (collected
+    as batches finish): a shared fetch hands one to a reader that leaves it, so that reader's own
+    bytes are checked too.
     """
 
     def __init__(
