@@ -28,15 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gateway.http.util import Chunk
 
-# A batch of 2 MiB: each hand-over to the pool and back costs futex wake-ups, context switches
-# and GIL hand-overs (a verified pull made 6 times the context switches of an unverified one), so
-# fewer batches, less of that: a lone verified pull ran 5-16% faster with 2 MiB than with 1 MiB,
-# and 1 MiB had halved the hand-overs of 512 KiB. While one is hashed, the next two fill
-# (``hash_lags``), then the relay waits for the hash; with a lag of one the relay waited for
-# nearly every 1 MiB read of the connection's arena. So a lone stream holds up to three batches
-# not yet hashed. While CROWD or more streams hash at once, their batches are CROWDED_BATCH and
-# the lag one batch: 16 checked streams then peak under 100 MiB, for about 0.1 CPU s/GiB more
-# hand-overs. Measured in docs/performance.md. Chunks of IN_PLACE or more are hashed where they lie.
+# A batch of 2 MiB, and while one is hashed the next two fill (``hash_lags``) before the relay
+# waits for the hash: with the connection's 1 MiB reads, 1 MiB batches and a lag of one made the
+# relay wait for nearly every read. Measured alone, each was faster for a lone verified pull (the
+# lag 747 -> 832 MB/s, 2 MiB batches 803 -> 931 MB/s; docs/performance.md): the relay waits less
+# often. (The context switches stay: they come with each chunk's ``update``, whose thread takes
+# the GIL back from the event loop, not with the batches.) So a lone stream holds up to three
+# batches not yet hashed. While CROWD or more streams hash at once, their batches are
+# CROWDED_BATCH and the lag one batch: 16 checked streams then peak under 100 MiB, for about
+# 0.1 CPU s/GiB more hand-overs. Chunks of IN_PLACE or more are hashed where they lie.
 HASH_BATCH = 2 << 20
 CROWDED_BATCH = 512 << 10
 CROWD = 4
