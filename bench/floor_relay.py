@@ -157,12 +157,12 @@ class _Upstream(asyncio.BufferedProtocol):
 class _Client(asyncio.Protocol):
     """One client connection, one GET."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, verify: bool) -> None:
         self.upstream = upstream
+        self.verify = verify
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.source: asyncio.Transport | None = None
-        self.paused = False
         self.asked = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,7 +179,7 @@ class _Client(asyncio.Protocol):
         first, fields = _headers(bytes(self.buffer[:end]))
         path = first.split()[1]
         last = path.rsplit("/", 1)[-1]
-        digest = last if "/blobs/" in path and last.startswith("sha256:") and VERIFY else None
+        digest = last if "/blobs/" in path and last.startswith("sha256:") and self.verify else None
         asyncio.ensure_future(self.fetch(self.upstream + path, fields.get("authorization"), digest))
 
     async def fetch(self, url: str, authorization: str | None, digest: str | None) -> None:
@@ -217,12 +217,10 @@ class _Client(asyncio.Protocol):
 
     # back-pressure: a slow client pauses the upstream
     def pause_writing(self) -> None:
-        self.paused = True
         if self.source is not None:
             self.source.pause_reading()
 
     def resume_writing(self) -> None:
-        self.paused = False
         if self.source is not None:
             self.source.resume_reading()
 
@@ -231,26 +229,21 @@ class _Client(asyncio.Protocol):
             self.source.close()
 
 
-VERIFY = False
-
-
-async def serve(host: str, port: int, upstream: str) -> None:
+async def serve(host: str, port: int, upstream: str, verify: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Client(upstream), host, port)
+    server = await loop.create_server(lambda: _Client(upstream, verify), host, port)
     async with server:
         await server.serve_forever()
 
 
 def main() -> None:
-    global VERIFY
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--verify", action="store_true")
     args = parser.parse_args()
-    VERIFY = args.verify
-    uvloop.run(serve(args.host, args.port, args.upstream.rstrip("/")))
+    uvloop.run(serve(args.host, args.port, args.upstream.rstrip("/"), args.verify))
 
 
 if __name__ == "__main__":

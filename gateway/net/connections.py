@@ -19,7 +19,8 @@ from gateway.http.util import Chunk
 from gateway.routing.policy import Origin
 
 # Reading pauses when this much received body waits for the client; resumes below LOW_WATER.
-# 512 KiB: two reads of uvloop's 256 KiB buffer (the socket's receive buffer holds more); 16
+# 512 KiB: two crowded reads (ARENA_CROWDED), and less than one lone 1 MiB read, after which
+# reading pauses until the relay took it (the socket's receive buffer holds more meanwhile); 16
 # checked streams peaked 10 MiB lower than with 1 MiB, at the same CPU (docs/performance.md).
 HIGH_WATER = 512 << 10
 LOW_WATER = 128 << 10
